@@ -16,6 +16,7 @@ Tensors are read with safetensors or ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import ast
 import io
 import json
@@ -234,6 +235,10 @@ _SAFE_GLOBALS = {
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        # Protocol-2 pickles (torch.save's default) spell Python 2 names: __builtin__, copy_reg.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _SAFE_GLOBALS:
             if module.startswith("numpy"):
                 import numpy.core.multiarray  # noqa: F401  (resolved lazily, numpy is a dependency)
