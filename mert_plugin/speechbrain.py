@@ -1,0 +1,283 @@
+"""MERT as a SpeechBrain lobe, and SpeechBrain inference files for exported models.
+
+``MERTEncoder`` is a plain ``nn.Module`` with SpeechBrain's encoder calling
+convention ``forward(wav, wav_lens)``, so any SpeechBrain yaml can use it::
+
+    encoder: !new:mert_plugin.speechbrain.MERTEncoder
+        source: path/to/MERT-v1-95M        # HF folder, fairseq .pt, recipe CKPT folder, cached hub id
+        freeze: True
+        output_all_hiddens: True           # -> [L+1, B, T, D]
+        layers: [4, 5, 6]                  # optional subset of hidden states
+
+It runs on this package's native model (no ``transformers``). ``freeze`` keeps
+it in eval mode without gradients, as SpeechBrain's HF wrappers do.
+
+:func:`save_inference_files` writes ``hyperparams.yaml`` + ``encoder.ckpt``
+into a folder so that
+``speechbrain.inference.encoders.WaveformEncoder.from_hparams(source=folder)``
+loads the model and ``encode_batch(wavs, wav_lens)`` returns its features.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .compat import ensure_torchaudio_importable
+from .config import MERTConfig
+from .errors import ConfigError, MERTError
+from .model import MERTModel
+
+ensure_torchaudio_importable()
+from speechbrain.utils.checkpoints import mark_as_transfer, register_checkpoint_hooks  # noqa: E402
+
+LayerSpec = Union[None, int, Sequence[int]]
+INFERENCE_HPARAMS = "hyperparams.yaml"
+INFERENCE_CKPT = "encoder.ckpt"
+
+
+def _as_config(config: Union[MERTConfig, Dict[str, Any], str]) -> MERTConfig:
+    if isinstance(config, MERTConfig):
+        return config.validate()
+    if isinstance(config, dict):
+        return MERTConfig.from_dict(dict(config), source="MERTEncoder config")
+    if isinstance(config, (str, os.PathLike)):
+        return MERTConfig.from_json_file(os.fspath(config))
+    raise ConfigError(f"MERTEncoder config must be a MERTConfig, a dict or a config.json path, "
+                      f"got {type(config).__name__}")
+
+
+@register_checkpoint_hooks
+class MERTEncoder(nn.Module):
+    """MERT encoder lobe: ``[B, N]`` audio at the model rate -> features.
+
+    Arguments
+    ---------
+    source : str, optional
+        Checkpoint to load (anything :meth:`MERTModel.from_pretrained` accepts).
+    preset : str, optional
+        Build a randomly initialised preset geometry instead (``mert-tiny``, ...);
+        weights then come from a SpeechBrain ``Pretrainer``/``Checkpointer``.
+    config : MERTConfig, dict or str, optional
+        Geometry as a config object, an HF-style dict or a ``config.json`` path
+        (random weights, as with ``preset``). Exactly one of source/preset/config.
+    freeze : bool
+        No gradients and always eval mode (dropout/layerdrop off).
+    freeze_feature_extractor : bool
+        Freeze only the conv stem (fine-tuning the transformer).
+    output_all_hiddens : bool
+        Return the selected hidden states stacked as ``[L_sel, B, T, D]``.
+    layers : int or list of int, optional
+        Indices into the ``L+1`` hidden states (0 = transformer input, negative
+        counts from the end). An int returns ``[B, T, D]``; a list returns
+        ``[len, B, T, D]``. Default: the last state, or all with ``output_all_hiddens``.
+        Layers above the highest selected one are not computed.
+    output_norm : bool
+        Apply ``layer_norm`` over the feature dim to each returned state.
+    normalize_wav : bool
+        Zero-mean unit-variance each clip first (MERT-v0's processor does; v1's does not).
+    """
+
+    def __init__(self, source: Optional[str] = None, preset: Optional[str] = None,
+                 config: Union[None, MERTConfig, Dict[str, Any], str] = None, freeze: bool = True,
+                 freeze_feature_extractor: bool = False, output_all_hiddens: bool = False,
+                 layers: LayerSpec = None, output_norm: bool = False, normalize_wav: bool = False):
+        super().__init__()
+        given = [n for n, v in (("source", source), ("preset", preset), ("config", config)) if v is not None]
+        if len(given) != 1:
+            raise ConfigError(f"MERTEncoder needs exactly one of source, preset or config; got {given or 'none'}")
+        if source is not None:
+            self.model = MERTModel.from_pretrained(source)
+        elif preset is not None:
+            self.model = MERTModel.from_preset(preset)
+        else:
+            self.model = MERTModel(_as_config(config))
+            self.model.reset_parameters()
+        self.freeze = bool(freeze)
+        self.output_all_hiddens = bool(output_all_hiddens)
+        self.output_norm = bool(output_norm)
+        self.normalize_wav = bool(normalize_wav)
+        self.layers = self._check_layers(layers)
+        if self.freeze:
+            self.model.requires_grad_(False)
+        elif freeze_feature_extractor:
+            self.model.feature_extractor.requires_grad_(False)
+        self.train(False)
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def config(self) -> MERTConfig:
+        return self.model.config
+
+    @property
+    def sample_rate(self) -> int:
+        return self.model.sample_rate
+
+    @property
+    def output_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def _check_layers(self, layers: LayerSpec):
+        n = self.model.config.num_hidden_states
+        if layers is None:
+            return None
+        single = isinstance(layers, int) and not isinstance(layers, bool)
+        items = [layers] if single else list(layers)
+        if not items or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise ConfigError(f"layers must be an int or a non-empty list of ints, got {layers!r}")
+        bad = [i for i in items if not -n <= i < n]
+        if bad:
+            raise ConfigError(f"layers {bad} out of range: this model has {n} hidden states (0..{n - 1})")
+        items = [i % n for i in items]
+        return items[0] if single else items
+
+    # ---------------------------------------------------------------- forward
+    def train(self, mode: bool = True):
+        """A frozen encoder stays in eval mode whatever the Brain asks."""
+        super().train(mode)
+        if self.freeze:
+            self.model.eval()
+        return self
+
+    def forward(self, wav: Tensor, wav_lens: Optional[Tensor] = None) -> Tensor:
+        """wav [B, N] (or [B, N, 1]); wav_lens [B] relative lengths (1.0 = full) or None.
+
+        Returns [B, T, D] or [L_sel, B, T, D] (see the class docstring). With
+        padded batches, note that conv 0's GroupNorm sees the padding, so results
+        differ slightly from running each clip alone (MERT_SPEC section 2.4).
+        """
+        if wav.dim() == 3 and wav.shape[-1] == 1:
+            wav = wav.squeeze(-1)
+        if wav.dim() != 2:
+            raise MERTError(f"MERTEncoder expects wav [batch, samples], got shape {list(wav.shape)}")
+        wav = wav.float()
+        padding_mask = self._padding_mask(wav, wav_lens)
+        if self.normalize_wav:
+            wav = _normalize(wav, padding_mask)
+        if self.freeze:
+            with torch.no_grad():
+                return self._encode(wav, padding_mask)
+        return self._encode(wav, padding_mask)
+
+    def _encode(self, wav: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+        if isinstance(self.layers, int):
+            out = self.model(wav, padding_mask=padding_mask, num_layers=self.layers)
+            return self._norm(out.hidden_states[self.layers])
+        if self.layers is not None:
+            out = self.model(wav, padding_mask=padding_mask, num_layers=max(self.layers))
+            return torch.stack([self._norm(out.hidden_states[i]) for i in self.layers], dim=0)
+        out = self.model(wav, padding_mask=padding_mask)
+        if self.output_all_hiddens:
+            return torch.stack([self._norm(h) for h in out.hidden_states], dim=0)
+        return self._norm(out.last_hidden_state)
+
+    def _norm(self, x: Tensor) -> Tensor:
+        return nn.functional.layer_norm(x, x.shape[-1:]) if self.output_norm else x
+
+    @staticmethod
+    def _padding_mask(wav: Tensor, wav_lens: Optional[Tensor]) -> Optional[Tensor]:
+        if wav_lens is None:
+            return None
+        lengths = torch.round(wav_lens.to(wav.device).float() * wav.shape[1]).long()
+        if bool((lengths >= wav.shape[1]).all()):
+            return None  # no padding: identical to an unpadded call
+        return torch.arange(wav.shape[1], device=wav.device)[None, :] >= lengths[:, None]
+
+    # -------------------------------------------------------------- weights
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts this lobe's own keys (``model.*``) or a bare MERT state dict (HF names)."""
+        if any(k.startswith("model.") for k in state_dict):
+            state_dict = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @mark_as_transfer
+    def _transfer(self, path):
+        """Strict parameter transfer for SpeechBrain's ``Pretrainer`` (its default
+        only warns about missing keys, which would leave random weights)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise MERTError(f"{path}: weights do not fit this MERTEncoder geometry: "
+                            f"{str(exc).splitlines()[0]}") from None
+
+
+def _normalize(wav: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+    """Per-clip zero mean, unit variance over the valid samples (HF Wav2Vec2FeatureExtractor)."""
+    valid = torch.ones_like(wav, dtype=torch.bool) if padding_mask is None else ~padding_mask
+    n = valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = (wav * valid).sum(-1, keepdim=True) / n
+    var = (((wav - mean) * valid) ** 2).sum(-1, keepdim=True) / n
+    return torch.where(valid, (wav - mean) / torch.sqrt(var + 1e-7), torch.zeros_like(wav))
+
+
+# --------------------------------------------------------------------- export
+_HPARAMS_TEMPLATE = """\
+# SpeechBrain inference file for a MERT encoder (written by mert_plugin.speechbrain).
+# Load with:
+#   from speechbrain.inference.encoders import WaveformEncoder
+#   enc = WaveformEncoder.from_hparams(source="<this folder>", savedir="<cache folder>")
+#   feats = enc.encode_batch(wavs, wav_lens)   # wavs [B, N] mono at {sample_rate} Hz
+# The geometry is spelled out below so the folder needs no other file; the
+# weights are {ckpt} (this lobe's state dict).
+
+sample_rate: {sample_rate}
+
+encoder: !new:mert_plugin.speechbrain.MERTEncoder
+    config: {config}
+    freeze: True
+    output_all_hiddens: {output_all_hiddens}
+    layers: {layers}
+    output_norm: {output_norm}
+    normalize_wav: {normalize_wav}
+
+audio_normalizer: !new:speechbrain.dataio.preprocess.AudioNormalizer
+    sample_rate: !ref <sample_rate>
+    mix: avg-to-mono
+
+modules:
+    encoder: !ref <encoder>
+
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        encoder: !ref <encoder>
+"""
+
+
+def save_inference_files(model: Union[MERTModel, str], directory: str, output_all_hiddens: bool = False,
+                         layers: LayerSpec = None, output_norm: bool = False,
+                         normalize_wav: Optional[bool] = None) -> Dict[str, str]:
+    """Write ``hyperparams.yaml`` and ``encoder.ckpt`` for ``WaveformEncoder.from_hparams``.
+
+    ``model`` is a :class:`MERTModel` or anything ``MERTModel.from_pretrained``
+    accepts (e.g. the folder written by ``save_pretrained``; the files can sit
+    next to ``config.json`` and ``model.safetensors``). ``normalize_wav``
+    defaults to True for 16 kHz (MERT-v0) models. Files are written under
+    temporary names and renamed. Returns the two paths.
+    """
+    import json
+
+    if not isinstance(model, MERTModel):
+        model = MERTModel.from_pretrained(model)
+    if normalize_wav is None:
+        normalize_wav = model.sample_rate == 16000
+    encoder = MERTEncoder(config=model.config, freeze=True, output_all_hiddens=output_all_hiddens,
+                          layers=layers, output_norm=output_norm, normalize_wav=normalize_wav)
+    encoder.model.load_state_dict(model.state_dict())
+    os.makedirs(directory, exist_ok=True)
+    text = _HPARAMS_TEMPLATE.format(
+        sample_rate=model.sample_rate, ckpt=INFERENCE_CKPT,
+        config=json.dumps(model.config.to_dict(), sort_keys=True),  # JSON is valid YAML flow style
+        output_all_hiddens=output_all_hiddens, layers=json.dumps(layers), output_norm=output_norm,
+        normalize_wav=normalize_wav)
+    paths = {"hparams": os.path.join(directory, INFERENCE_HPARAMS), "ckpt": os.path.join(directory, INFERENCE_CKPT)}
+    tmp = f"{paths['ckpt']}.tmp{os.getpid()}"
+    torch.save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, tmp)
+    os.replace(tmp, paths["ckpt"])
+    tmp = f"{paths['hparams']}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, paths["hparams"])
+    return paths
