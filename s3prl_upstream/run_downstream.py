@@ -17,7 +17,9 @@ Before handing over to ``s3prl.run_downstream.main()`` it applies
   on, so the runner initialises DDP; ``--local-rank`` (torch.distributed.launch
   since torch 2.0) is rewritten to ``--local_rank``;
 * ``tensorboardX`` (imported by the runner, not declared by s3prl): a clear error if missing;
-* ``--hub huggingface``: a clear error on huggingface_hub >= 1.0, where it cannot work.
+* ``--hub huggingface``: a clear error on huggingface_hub >= 1.0, where it cannot work;
+* ``-e``: a missing, truncated or hostile checkpoint (objects other than tensors and
+  plain data, or code in the config strings s3prl ``eval()``s) is refused with one line.
 
 User errors (bad checkpoint, missing file, bad CSV) print one ``error:`` line and exit 1.
 """
@@ -87,8 +89,9 @@ def prepare_argv(argv: List[str], environ: Optional[dict] = None) -> List[str]:
     return argv
 
 
-def _check_past_exp(past_exp: str) -> None:
-    """Fail clearly on what s3prl would hit with an AssertionError or a zip error."""
+def _check_past_exp(past_exp: str) -> str:
+    """The checkpoint s3prl will load for ``-e``; fail clearly where s3prl would hit an
+    AssertionError or a zip error."""
     if not os.path.exists(past_exp):
         raise MERTError(f"-e {past_exp}: no such checkpoint or experiment folder")
     ckpt = past_exp
@@ -101,6 +104,45 @@ def _check_past_exp(past_exp: str) -> None:
     if not zipfile.is_zipfile(ckpt):
         raise MERTError(f"{ckpt}: not a complete torch checkpoint (truncated, e.g. by a job killed while "
                         f"saving, or not a checkpoint); delete it to resume from an earlier one")
+    return ckpt
+
+
+def check_checkpoint_config(ckpt: str) -> None:
+    """Refuse a runner checkpoint whose ``Config`` carries code for s3prl's ``eval()``.
+
+    Resuming, s3prl evaluates ``optimizer.name`` and ``scheduler.name``
+    (``eval(f"get_{name}")``) and downstreams evaluate ``modelrc`` ``select``/``pooling``
+    names, all taken from the checkpoint. They must be plain identifiers. The file is
+    read with ``weights_only=True`` and ``mmap=True`` (tensors are not read into memory).
+    """
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    config = state.get("Config") if isinstance(state, dict) else None
+    if not isinstance(config, dict):
+        raise MERTError(f"{ckpt}: not an s3prl runner checkpoint (no Config)")
+    bad = [f"{section}.name={sub['name']!r}" for section in ("optimizer", "scheduler")
+           if isinstance(sub := config.get(section), dict) and not _is_identifier(sub.get("name", "x"))]
+    bad += _non_identifier_names(config.get("downstream_expert", {}).get("modelrc"), "downstream_expert.modelrc")
+    if bad:
+        raise MERTError(f"{ckpt}: refused: its config holds names that s3prl evaluates as code and that are "
+                        f"not plain identifiers: {', '.join(bad)}")
+
+
+def _is_identifier(value) -> bool:
+    return isinstance(value, str) and value.isidentifier()
+
+
+def _non_identifier_names(rc, where: str) -> List[str]:
+    if not isinstance(rc, dict):
+        return []
+    out = []
+    for key, value in rc.items():
+        if key in ("select", "pooling") and not _is_identifier(value):
+            out.append(f"{where}.{key}={value!r}")
+        elif isinstance(value, dict):
+            out += _non_identifier_names(value, f"{where}.{key}")
+    return out
 
 
 def _absolute_upstream_ckpt(argv: List[str]) -> List[str]:
@@ -142,6 +184,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         applied = register()
         if applied:
             _note(f"compatibility fixes applied: {', '.join(applied)}")
+        past_exp = _known_args(argv).past_exp
+        if past_exp is not None:
+            check_checkpoint_config(_check_past_exp(past_exp))
         from s3prl import run_downstream
 
         sys.argv = [run_downstream.__file__] + argv

@@ -428,6 +428,31 @@ def test_launcher_argv_fixes(tmp_path, monkeypatch):
     assert argv[argv.index("-k") + 1] == str(tmp_path / "downstream")  # stored absolute in the ckpt
 
 
+def test_checkpoint_config_code_is_refused(registered, tmp_path):
+    from s3prl.optimizers import get_optimizer
+
+    from s3prl_upstream.run_downstream import check_checkpoint_config
+
+    marker = tmp_path / "executed"
+    payload = f"AdamW if __import__('os').system('touch {marker}') == 0 else get_AdamW"
+    # the threat is real: s3prl evaluates the optimizer name it finds in a resumed checkpoint's config
+    get_optimizer([torch.nn.Linear(2, 2)], 10, {"name": payload, "lr": 1e-3})
+    assert marker.exists()
+    marker.unlink()
+    good = {"Config": {"optimizer": {"name": "AdamW"}, "downstream_expert": {"modelrc": {
+        "select": "UtteranceLevel", "UtteranceLevel": {"pooling": "MeanPooling"}}}}}
+    torch.save(good, str(tmp_path / "good.ckpt"))
+    check_checkpoint_config(str(tmp_path / "good.ckpt"))
+    for section, value in (("optimizer", {"name": payload}), ("scheduler", {"name": payload}),
+                           ("downstream_expert", {"modelrc": {"select": "UtteranceLevel",
+                                                              "UtteranceLevel": {"pooling": payload}}})):
+        bad = {"Config": dict(good["Config"], **{section: value})}
+        torch.save(bad, str(tmp_path / "bad.ckpt"))
+        with pytest.raises(MERTError, match="names that s3prl evaluates as code"):
+            check_checkpoint_config(str(tmp_path / "bad.ckpt"))
+    assert not marker.exists()
+
+
 # -------------------------------------------------------------------- s3prl's runner, end to end
 def test_runner_example_train_then_evaluate(tiny_ckpt, tmp_path):
     cfg = s3prl_upstream.config_path("example")
@@ -480,6 +505,38 @@ def clip_corpus(tmp_path_factory):
         w.writeheader()
         w.writerows(rows)
     return root
+
+
+def test_music_downstream_rejects_bad_config_and_tables(registered, clip_corpus, tmp_path):
+    import copy
+
+    import yaml
+    from s3prl_upstream.music_classification.expert import DownstreamExpert
+
+    with open(s3prl_upstream.config_path("music_classification")) as f:
+        conf = yaml.safe_load(f)["downstream_expert"]
+    conf["datarc"]["csv"] = str(clip_corpus / "task.csv")
+    expert = DownstreamExpert(32, copy.deepcopy(conf), str(tmp_path))
+    assert expert.classes == ["high", "low"] and len(expert.get_dataloader("dev").dataset) == 4
+
+    def fails(match, **changes):
+        c = copy.deepcopy(conf)
+        for path, value in changes.items():
+            section, key = path.split("__")
+            c[section][key] = value
+        with pytest.raises(MERTError, match=match):
+            DownstreamExpert(32, c, str(tmp_path))
+
+    fails("train_batch_size must be an integer >= 1", datarc__train_batch_size="8")
+    fails("modelrc.select: 'Nope' is not a model", modelrc__select="Nope")
+    fails("pooling: \"__import__", modelrc__UtteranceLevel={"pooling": "__import__('os')"})
+    fails("needs a clip table", datarc__csv=None)
+    for body, match in (("path,label\na.wav,x\n", "missing column.*split"),
+                        ("path,label,split\na.wav,x,eval\n", "task.csv:2: split 'eval'"),
+                        ("path,label,split\na.wav,x;y,train\n", "task.csv:2: multi-label"),
+                        ("path,label,split\na.wav,x,test\n", "no rows with split 'train'")):
+        (tmp_path / "task.csv").write_text(body)
+        fails(match, datarc__csv=str(tmp_path / "task.csv"))
 
 
 def test_runner_music_downstream(tiny_ckpt, clip_corpus, tmp_path):

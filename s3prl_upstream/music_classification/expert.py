@@ -32,6 +32,42 @@ from mert_plugin.errors import MERTError
 from .dataset import SAMPLE_RATE, MusicClipDataset, canonical_split, check_audio_files, read_clip_table
 
 
+def _check_config(downstream_expert) -> tuple:
+    """``(datarc, modelrc)``; :class:`MERTError` naming the key for a missing or bad setting."""
+    where = "config downstream_expert"
+    if not isinstance(downstream_expert, dict) or not all(
+            isinstance(downstream_expert.get(k), dict) for k in ("datarc", "modelrc")):
+        raise MERTError(f"{where}: needs the sections datarc and modelrc")
+    datarc, modelrc = downstream_expert["datarc"], downstream_expert["modelrc"]
+    for section, name, key, minimum in (("datarc", datarc, "train_batch_size", 1),
+                                        ("datarc", datarc, "eval_batch_size", 1),
+                                        ("datarc", datarc, "num_workers", 0),
+                                        ("modelrc", modelrc, "projector_dim", 1)):
+        value = name.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise MERTError(f"{where}.{section}.{key} must be an integer >= {minimum}, got {value!r}")
+    max_seconds = datarc.get("max_seconds")
+    if max_seconds is not None and (not isinstance(max_seconds, (int, float)) or max_seconds <= 0):
+        raise MERTError(f"{where}.datarc.max_seconds must be a positive number or null, got {max_seconds!r}")
+    if "select" not in modelrc:
+        raise MERTError(f"{where}.modelrc.select must name an s3prl downstream model (e.g. UtteranceLevel)")
+    _check_model_names(modelrc, f"{where}.modelrc")
+    return datarc, modelrc
+
+
+def _check_model_names(rc: dict, where: str) -> None:
+    """s3prl ``eval()``s ``select``/``pooling`` strings (also from a ``-e`` checkpoint's
+    config): allow only names of its own model classes, never an expression."""
+    import s3prl.downstream.model as models
+
+    for key, value in rc.items():
+        if key in ("select", "pooling"):
+            if not (isinstance(value, str) and value.isidentifier() and isinstance(getattr(models, value, None), type)):
+                raise MERTError(f"{where}.{key}: {value!r} is not a model in s3prl.downstream.model")
+        elif isinstance(value, dict):
+            _check_model_names(value, f"{where}.{key}")
+
+
 class DownstreamExpert(nn.Module):
     """s3prl DownstreamExpert: ``forward(split, features [B x [T_i, D]], labels, paths, records) -> loss``."""
 
@@ -39,8 +75,7 @@ class DownstreamExpert(nn.Module):
         super().__init__()
         from s3prl.downstream.model import get_downstream_model
 
-        self.datarc = downstream_expert["datarc"]
-        self.modelrc = downstream_expert["modelrc"]
+        self.datarc, self.modelrc = _check_config(downstream_expert)
         self.expdir = expdir
         csv_path = self.datarc.get("csv")
         if not csv_path:
