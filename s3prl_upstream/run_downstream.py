@@ -18,7 +18,7 @@ Before handing over to ``s3prl.run_downstream.main()`` it applies
   since torch 2.0) is rewritten to ``--local_rank``;
 * ``tensorboardX`` (imported by the runner, not declared by s3prl): a clear error if missing;
 * ``--hub huggingface``: a clear error on huggingface_hub >= 1.0, where it cannot work;
-* ``-e``: a missing, truncated or hostile checkpoint (objects other than tensors and
+* ``-e`` / ``-a``: a missing, truncated or hostile checkpoint (objects other than tensors and
   plain data, or code in the config strings s3prl ``eval()``s) is refused with one line.
 
 User errors (bad checkpoint, missing file, bad CSV) print one ``error:`` line and exit 1.
@@ -50,6 +50,9 @@ def _known_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("-c", "--config")
     p.add_argument("-d", "--downstream")
     p.add_argument("-e", "--past_exp")
+    p.add_argument("-a", "--auto_resume", action="store_true")
+    p.add_argument("-p", "--expdir")
+    p.add_argument("-n", "--expname")
     p.add_argument("--device")
     p.add_argument("--local_rank")
     p.add_argument("--hub")
@@ -78,8 +81,11 @@ def prepare_argv(argv: List[str], environ: Optional[dict] = None) -> List[str]:
         if not hasattr(huggingface_hub.HfApi, "login"):
             raise MERTError(f"--hub huggingface needs huggingface_hub < 1.0 (installed: "
                             f"{huggingface_hub.__version__}); pass a local checkpoint with -u mert -k <path> instead")
+    resume_from = _resume_source(args)
+    if resume_from is not None:
+        _check_past_exp(resume_from)
     if args.past_exp is not None:
-        _check_past_exp(args.past_exp)
+        pass  # s3prl takes args and config from the checkpoint
     elif args.config is not None:
         if not os.path.isfile(args.config):
             raise MERTError(f"-c {args.config}: no such config file")
@@ -87,6 +93,16 @@ def prepare_argv(argv: List[str], environ: Optional[dict] = None) -> List[str]:
         if not os.path.isfile(f"./downstream/{args.downstream}/config.yaml"):
             argv += ["-c", _shipped_config(args.downstream)]
     return argv
+
+
+def _resume_source(args: argparse.Namespace) -> Optional[str]:
+    """What s3prl will resume from: ``-e``, or with ``-a`` an experiment folder holding checkpoints."""
+    if args.past_exp is not None:
+        return args.past_exp
+    expdir = args.expdir or f"result/downstream/{args.expname}"
+    if args.auto_resume and glob.glob(os.path.join(expdir, "states-*.ckpt")):
+        return expdir
+    return None
 
 
 def _check_past_exp(past_exp: str) -> str:
@@ -184,9 +200,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         applied = register()
         if applied:
             _note(f"compatibility fixes applied: {', '.join(applied)}")
-        past_exp = _known_args(argv).past_exp
-        if past_exp is not None:
-            check_checkpoint_config(_check_past_exp(past_exp))
+        resume_from = _resume_source(_known_args(argv))
+        if resume_from is not None:
+            check_checkpoint_config(_check_past_exp(resume_from))
         from s3prl import run_downstream
 
         sys.argv = [run_downstream.__file__] + argv

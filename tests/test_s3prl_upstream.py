@@ -424,6 +424,8 @@ def test_launcher_argv_fixes(tmp_path, monkeypatch):
     (tmp_path / "states-10.ckpt").write_bytes(open(tmp_path / "states-2.ckpt", "rb").read()[:200])
     with pytest.raises(MERTError, match="states-10.ckpt: not a complete torch checkpoint"):
         prepare_argv(["-m", "train", "-e", str(tmp_path)], environ={})  # the newest is checked
+    with pytest.raises(MERTError, match="states-10.ckpt: not a complete"):  # -a resumes from it too
+        prepare_argv(["-m", "train", "-a", "-p", str(tmp_path), "-d", "example"], environ={})
     argv = prepare_argv(["-m", "evaluate", "-e", "states-2.ckpt", "-k", "downstream"], environ={})
     assert argv[argv.index("-k") + 1] == str(tmp_path / "downstream")  # stored absolute in the ckpt
 
