@@ -1,0 +1,292 @@
+"""The MERT pretraining objective (MERT_SPEC.md §4.3, §5.3-5.4).
+
+:class:`MERTPretrainer` wraps a :class:`~mert_plugin.model.MERTModel` student
+with the prediction heads and computes, for a batch of clean clips and their
+teacher labels::
+
+    noisy = in-batch noise mixture(clean)           (training only, targets stay clean)
+    mask  = span mask over the student's frames     (mask_prob 0.8, span 5, >= 2 spans)
+    h     = student(noisy, masked frames -> learned mask embedding).last_hidden_state
+    loss  = sum_k CE_k  +  cqt_weight * MSE_cqt  +  feature_penalty_weight * mean(conv_features^2)
+
+CE_k and MSE are means over the masked (non-padded) frames; CE_k is a softmax
+cross-entropy whose logits are the cosine similarities between the untied
+projection of ``h`` for codebook k and every label embedding of that codebook,
+divided by ``logit_temp`` (fairseq HuBERT's ``compute_nce`` with all classes).
+This is the reference's ``[sum_k CE_k + 10 * features_pen * N_m + MSE * N_m] / N_m``.
+
+Label alignment: labels are indexed by student frame. A label sequence may
+be up to ``LABEL_SLACK`` frames longer than the student's T (EnCodec and the
+centred CQT give 1-2 extra tail frames; they are dropped) or shorter (the
+missing tail frames are left out of the loss, as the reference crops
+features to the labels). Anything further off is an alignment error.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .components import SelfAttention
+from .errors import ConfigError, MERTError
+from .masking import compute_span_mask
+from .mixture import mix_in_batch_noise
+from .model import MERTModel, conv_output_lengths
+
+LABEL_SLACK = 2  # frames a label sequence may differ from the student's T (see module docstring)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Objective hyper-parameters; the defaults are the MERT-v1-95M recipe."""
+
+    num_codebooks: int = 8
+    codebook_size: int = 1024
+    final_dim: int = 64
+    logit_temp: float = 0.1
+    cqt_bins: int = 336
+    cqt_weight: float = 1.0
+    feature_penalty_weight: float = 10.0
+    mask_prob: float = 0.8
+    mask_length: int = 5
+    min_masks: int = 2
+    mixture_prob: float = 0.5  # probability that a clip gets in-batch noise mixed in
+    mixture_min_samples: int = 12000
+    mixture_max_samples: int = 24000
+    mixture_min_count: int = 1
+    mixture_max_count: int = 3
+    feature_grad_mult: float = 0.1
+    use_acoustic: bool = True
+    use_cqt: bool = True
+    # Extras (not in the shared contract; off by default).
+    require_same_masks: bool = False  # fairseq option: same masked count for every clip of a batch
+    attention_relax: float = 0.0  # > 0: PB-relax attention in the student (fp16 overflow guard), e.g. 32
+
+    @classmethod
+    def from_preset(cls, name: str) -> "ObjectiveConfig":
+        """``mert-v1-95m``, ``mert-v1-330m``, ``mert-tiny`` or ``mert-v0`` (see docs/OBJECTIVE.md)."""
+        key = name.lower().replace("_", "-")
+        if key.startswith("m-a-p/"):
+            key = key[len("m-a-p/"):]
+        presets = {
+            "mert-v1-95m": {},
+            "mert-v1-330m": dict(final_dim=128, mixture_max_samples=36000, feature_grad_mult=1.0),
+            "mert-tiny": {},
+            # MERT-v0's targets are unverified (MERT_SPEC.md §4.4): one k-means label per 16 kHz
+            # frame (MFCC k=500), HuBERT-base head size, no CQT; noise lengths 0.5-1.0 s at 16 kHz.
+            "mert-v0": dict(num_codebooks=1, codebook_size=500, final_dim=256, use_cqt=False,
+                            mixture_min_samples=8000, mixture_max_samples=16000),
+        }
+        if key not in presets:
+            raise ConfigError(f"unknown objective preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**presets[key]).validate()
+
+    def validate(self) -> "ObjectiveConfig":
+        problems = []
+        if not (self.use_acoustic or self.use_cqt):
+            problems.append("at least one of use_acoustic / use_cqt must be on")
+        for name in ("num_codebooks", "codebook_size", "final_dim", "cqt_bins", "mask_length",
+                     "mixture_min_samples", "mixture_max_samples"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mask_prob", "mixture_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.logit_temp <= 0:
+            problems.append(f"logit_temp must be > 0, got {self.logit_temp}")
+        if self.mixture_min_samples > self.mixture_max_samples or self.mixture_min_count > self.mixture_max_count:
+            problems.append("mixture ranges must have min <= max")
+        if self.attention_relax < 0:
+            problems.append(f"attention_relax must be >= 0 (0 = off), got {self.attention_relax}")
+        if problems:
+            raise ConfigError("invalid objective config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PretrainOutput:
+    """loss: scalar (differentiable); terms: detached scalars for logging; mask: [B, T] loss frames."""
+
+    loss: Tensor
+    terms: Dict[str, Tensor]
+    mask: Tensor
+
+
+class CodebookHead(nn.Module):
+    """Untied projections + label embeddings -> cosine logits.
+
+    h [N, D] -> logits [N, K, C] = cos(proj_k(h), emb_k[c]) / temp.
+    ``final_proj`` is one Linear(D, K * final_dim) cut into K chunks (the
+    reference's ``untie_final_proj``); ``label_embs`` [K, C, final_dim] starts
+    uniform in [0, 1) as the reference's ``label_embs_concat``.
+    """
+
+    def __init__(self, hidden_size: int, num_codebooks: int, codebook_size: int, final_dim: int, temp: float):
+        super().__init__()
+        self.num_codebooks, self.final_dim, self.temp = num_codebooks, final_dim, temp
+        self.final_proj = nn.Linear(hidden_size, num_codebooks * final_dim)
+        self.label_embs = nn.Parameter(torch.empty(num_codebooks, codebook_size, final_dim).uniform_())
+
+    def forward(self, h: Tensor) -> Tensor:
+        proj = self.final_proj(h).view(h.shape[0], self.num_codebooks, self.final_dim).float()
+        emb = self.label_embs.float()
+        with torch.autocast(h.device.type, enabled=False):  # cosine logits in fp32 under mixed precision
+            return torch.einsum("nkd,kcd->nkc", F.normalize(proj, dim=-1), F.normalize(emb, dim=-1)) / self.temp
+
+
+class MERTPretrainer(nn.Module):
+    """Student + prediction heads; ``state_dict()`` = ``student.*`` + heads.
+
+    Example::
+
+        student = MERTModel.from_preset("mert-v1-95m")
+        trainer = MERTPretrainer(student, ObjectiveConfig.from_preset("mert-v1-95m")).train()
+        codes, cqt = label_generator(wav)           # clean targets (or offline labels)
+        out = trainer(wav, codes, cqt)
+        out.loss.backward(); log(out.terms)
+    """
+
+    def __init__(self, student: MERTModel, config: ObjectiveConfig):
+        super().__init__()
+        config.validate()
+        if student.masked_spec_embed is None:
+            raise ConfigError("the student has no mask embedding: build it with mask_time_prob > 0")
+        self.student = student
+        self.config = config
+        student.feature_grad_mult = config.feature_grad_mult
+        for module in student.modules():
+            if isinstance(module, SelfAttention):
+                module.relax_alpha = config.attention_relax
+        d = student.config.hidden_size
+        self.codebook_head = (CodebookHead(d, config.num_codebooks, config.codebook_size, config.final_dim,
+                                           config.logit_temp) if config.use_acoustic else None)
+        self.cqt_head = nn.Linear(d, config.cqt_bins) if config.use_cqt else None
+
+    # ------------------------------------------------------------------ steps
+    def span_mask(self, frame_valid: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """[B, T] bool valid frames -> [B, T] bool span mask (see :mod:`mert_plugin.masking`)."""
+        c = self.config
+        padded = not bool(frame_valid.all())
+        return compute_span_mask(tuple(frame_valid.shape), c.mask_prob, c.mask_length, c.min_masks,
+                                 frame_valid if padded else None, c.require_same_masks, generator,
+                                 device=frame_valid.device)
+
+    def mix(self, wav: Tensor, lengths: Optional[Tensor] = None,
+            generator: Optional[torch.Generator] = None) -> Tensor:
+        """In-batch noise mixture of the config (see :mod:`mert_plugin.mixture`); returns a new tensor."""
+        c = self.config
+        return mix_in_batch_noise(wav, c.mixture_prob, c.mixture_min_samples, c.mixture_max_samples,
+                                  c.mixture_min_count, c.mixture_max_count, lengths, generator)
+
+    def forward(self, wav: Tensor, codes: Optional[Tensor] = None, cqt: Optional[Tensor] = None,
+                padding_mask: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> PretrainOutput:
+        """One objective evaluation.
+
+        Args:
+            wav: [B, N] CLEAN audio at the student's rate (noise is mixed in here in training mode).
+            codes: [B, K, T'] integer acoustic labels (needed when ``use_acoustic``).
+            cqt: [B, T'', bins] float CQT targets of the clean audio (needed when ``use_cqt``).
+            padding_mask: optional [B, N] bool, True at padded samples.
+            mask: optional precomputed [B, T] span mask (else drawn, in train and eval mode).
+            generator: optional CPU generator for the mask and mixture draws.
+        Returns:
+            :class:`PretrainOutput`.
+        """
+        c = self.config
+        wav = self.student._check_waveform(wav)
+        bsz, num = wav.shape
+        frames = self.student.num_frames(num)
+        lengths = None
+        frame_valid = torch.ones(bsz, frames, dtype=torch.bool, device=wav.device)
+        if padding_mask is not None:
+            if padding_mask.shape != wav.shape:
+                raise MERTError(f"padding_mask must be {list(wav.shape)}, got {list(padding_mask.shape)}")
+            lengths = (~padding_mask.bool()).sum(-1)
+            frame_valid = (torch.arange(frames, device=wav.device)[None]
+                           < conv_output_lengths(lengths, self.student.config)[:, None])
+        label_frames = frames
+        if c.use_acoustic:
+            codes = self._check_codes(codes, bsz, frames)
+            label_frames = min(label_frames, codes.shape[-1])
+        if c.use_cqt:
+            cqt = self._check_cqt(cqt, bsz, frames)
+            label_frames = min(label_frames, cqt.shape[1])
+
+        if mask is None:
+            mask = self.span_mask(frame_valid, generator)
+        elif mask.shape != (bsz, frames) or mask.dtype != torch.bool:
+            raise MERTError(f"mask must be bool [B, T] = {[bsz, frames]}, got {mask.dtype} {list(mask.shape)}")
+        noisy = self.mix(wav, lengths, generator) if self.training and c.mixture_prob > 0 else wav
+        out = self.student(noisy, padding_mask=padding_mask, mask_time_indices=mask)
+
+        loss_mask = mask & frame_valid
+        loss_mask[:, label_frames:] = False
+        h = out.last_hidden_state[loss_mask]  # [N_m, D]
+        feature_penalty = out.conv_features.float().pow(2).mean()
+        loss = c.feature_penalty_weight * feature_penalty
+        terms = {"feature_penalty": feature_penalty.detach(),
+                 "masked_frames": loss_mask.sum().detach().float(),
+                 "masked_fraction": (mask & frame_valid).sum().float() / frame_valid.sum().clamp(min=1)}
+        if c.use_acoustic:
+            target = codes[:, :, :frames].transpose(1, 2)[loss_mask[:, : codes.shape[-1]]]  # [N_m, K]
+            logits = self.codebook_head(h)  # [N_m, K, C]
+            if h.shape[0]:
+                per_book = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(0)  # [K]
+                acc = (logits.argmax(-1) == target).float().mean()
+            else:  # no loss frame in this batch: zeros that keep the graph
+                per_book, acc = logits.sum((0, 2)), logits.new_zeros(())
+            acoustic_ce = per_book.sum()
+            loss = loss + acoustic_ce
+            terms["acoustic_ce"] = acoustic_ce.detach()
+            terms["acoustic_acc"] = acc.detach()
+            for k, v in enumerate(per_book.detach()):
+                terms[f"acoustic_ce_{k}"] = v
+        if c.use_cqt:
+            pred = self.cqt_head(h).float()
+            target = cqt[:, :frames][loss_mask[:, : cqt.shape[1]]].float()
+            mse = F.mse_loss(pred, target) if h.shape[0] else pred.sum()
+            loss = loss + c.cqt_weight * mse
+            terms["cqt_mse"] = mse.detach()
+        terms["loss"] = loss.detach()
+        return PretrainOutput(loss, terms, loss_mask)
+
+    # ---------------------------------------------------------------- checks
+    def _check_codes(self, codes: Optional[Tensor], bsz: int, frames: int) -> Tensor:
+        c = self.config
+        if codes is None:
+            raise MERTError("codes are required (use_acoustic=True); pass labels from LabelGenerator or mert-labels")
+        if codes.dim() != 3 or codes.shape[0] != bsz or codes.shape[1] != c.num_codebooks:
+            raise MERTError(f"codes must be [B, K, T] = [{bsz}, {c.num_codebooks}, ~{frames}], "
+                            f"got {list(codes.shape)}")
+        if codes.is_floating_point() or codes.dtype == torch.bool:
+            raise MERTError(f"codes must be integers, got {codes.dtype}")
+        self._check_length("codes", codes.shape[-1], frames)
+        codes = codes.long()
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= c.codebook_size:
+            raise MERTError(f"codes must lie in [0, {c.codebook_size}), got values in [{lo}, {hi}]")
+        return codes
+
+    def _check_cqt(self, cqt: Optional[Tensor], bsz: int, frames: int) -> Tensor:
+        c = self.config
+        if cqt is None:
+            raise MERTError("cqt targets are required (use_cqt=True); pass them from LabelGenerator or mert-labels")
+        if cqt.dim() != 3 or cqt.shape[0] != bsz or cqt.shape[2] != c.cqt_bins:
+            raise MERTError(f"cqt must be [B, T, bins] = [{bsz}, ~{frames}, {c.cqt_bins}], got {list(cqt.shape)}")
+        self._check_length("cqt", cqt.shape[1], frames)
+        return cqt
+
+    @staticmethod
+    def _check_length(name: str, label_frames: int, frames: int) -> None:
+        if abs(label_frames - frames) > LABEL_SLACK:
+            raise MERTError(f"{name} has {label_frames} frames but the student produces {frames} for this audio: "
+                            "labels must be at the student's frame rate and cropped with the audio "
+                            "(frame start = sample start // 320)")

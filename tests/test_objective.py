@@ -1,0 +1,252 @@
+"""Masking, in-batch noise mixture, heads and loss of the MERT objective."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mert_plugin import MERTModel
+from mert_plugin.components import relax_attention
+from mert_plugin.errors import ConfigError, MERTError
+from mert_plugin.masking import compute_span_mask
+from mert_plugin.mixture import mix_in_batch_noise
+from mert_plugin.objective import MERTPretrainer, ObjectiveConfig
+from test_teachers import fitted_generator, synth_music  # noqa: F401  (session fixture)
+
+
+# ---------------------------------------------------------------- masking
+def expected_masked_fraction(frames, mask_prob=0.8, span=5):
+    """P(frame masked), averaged over frames: starts drawn without replacement from T - span positions."""
+    room = frames - span
+    base = mask_prob * frames / span
+    counts = {math.floor(base): 1 - (base - math.floor(base)), math.floor(base) + 1: base - math.floor(base)}
+    total = 0.0
+    for count, p in counts.items():
+        for j in range(frames):
+            covering = sum(1 for s in range(max(0, j - span + 1), j + 1) if s < room)
+            total += p * (1 - math.comb(room - covering, count) / math.comb(room, count))
+    return total / frames
+
+
+def test_masked_fraction_matches_fairseq_statistics():
+    gen = torch.Generator().manual_seed(0)
+    fractions = torch.cat([compute_span_mask((64, 374), 0.8, 5, 2, generator=gen).float().mean(1)
+                           for _ in range(30)])
+    expected = expected_masked_fraction(374)
+    # 0.58 for 5 s: starts are drawn without replacement, so slightly more than the
+    # with-replacement estimate 1 - exp(-0.8) = 0.55 quoted for HuBERT/MERT.
+    assert 0.575 < expected < 0.59
+    assert abs(float(fractions.mean()) - expected) < 0.004
+
+
+def test_mask_spans_counts_and_padding():
+    gen = torch.Generator().manual_seed(1)
+    mask = compute_span_mask((32, 200), 0.8, 5, 2, generator=gen)
+    for row in mask:  # every run of masked frames is at least one span long
+        edges = torch.diff(torch.cat([torch.zeros(1), row.float(), torch.zeros(1)]))
+        runs = (edges == -1).nonzero()[:, 0] - (edges == 1).nonzero()[:, 0]
+        assert int(runs.min()) >= 5
+    few = compute_span_mask((16, 40), 0.01, 5, 2, generator=gen)  # min_masks=2 spans
+    assert int(few.sum(1).min()) >= 5
+    valid = torch.arange(100)[None] < torch.tensor([100, 60, 30])[:, None]
+    padded = compute_span_mask((3, 100), 0.8, 5, 2, frame_mask=valid, generator=gen)
+    assert not (padded & ~valid).any()
+    assert 0.35 < float(padded[2, :30].float().mean()) < 0.85
+    same = compute_span_mask((8, 120), 0.8, 5, 2, require_same_masks=True, generator=gen)
+    assert same.sum(1).unique().numel() == 1
+
+
+# ---------------------------------------------------------------- mixture
+def test_mixture_only_borrows_from_other_clips_and_leaves_input_alone():
+    bsz, num = 4, 30000
+    # Sample i of clip b holds (b + 1) * 1e6 + i, so any added value names its source.
+    clean = torch.stack([(b + 1) * 1e6 + torch.arange(num, dtype=torch.float64) for b in range(bsz)])
+    before = clean.clone()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        noisy = mix_in_batch_noise(clean, prob=1.0, min_samples=1000, max_samples=3000, min_count=1,
+                                   max_count=1, generator=gen)
+        assert torch.equal(clean, before)
+        for b in range(bsz):
+            added = noisy[b] - clean[b]
+            where = added.nonzero()[:, 0]
+            assert 1000 <= where.numel() <= 3000 and int(where[-1] - where[0]) + 1 == where.numel()
+            values = added[where]
+            src_clip = (values // 1e6 - 1).long()
+            assert not (src_clip == b).any()
+            index = values - (src_clip + 1) * 1e6
+            steps = torch.diff(index)  # consecutive pool samples; may cross into the next clip
+            assert bool(((steps == 1) | (torch.diff(src_clip) != 0)).all())
+
+
+def test_mixture_rate_counts_and_unit_gain():
+    gen = torch.Generator().manual_seed(2)
+    wav = torch.randn(8, 48000)
+    mixed = total = 0
+    for _ in range(40):
+        noisy = mix_in_batch_noise(wav, 0.5, 12000, 24000, 1, 3, generator=gen)
+        changed = (noisy != wav).any(1)
+        mixed += int(changed.sum())
+        total += changed.numel()
+        for b in changed.nonzero()[:, 0]:
+            n = int((noisy[b] != wav[b]).sum())
+            assert 12000 <= n <= 3 * 24000
+    assert abs(mixed / total - 0.5) < 0.08
+    assert torch.equal(mix_in_batch_noise(wav[:1], 1.0, generator=gen), wav[:1])  # nothing to borrow from
+
+
+def test_pretrainer_mixes_the_input_but_not_the_targets(fitted_generator):
+    wav = torch.stack([synth_music(1.0, s) for s in range(3)])
+    codes, cqt = fitted_generator(wav)
+    copies = [t.clone() for t in (wav, codes, cqt)]
+    cfg = ObjectiveConfig(mixture_prob=1.0, mixture_min_samples=4000, mixture_max_samples=8000)
+    trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), cfg).train()
+    mask = compute_span_mask((3, codes.shape[-1]), 0.8, 5, 2, generator=torch.Generator().manual_seed(3))
+    seen = []
+    hook = trainer.student.register_forward_pre_hook(lambda m, args, kw: seen.append(args[0].clone()),
+                                                     with_kwargs=True)
+    out = trainer(wav, codes, cqt, mask=mask, generator=torch.Generator().manual_seed(5))
+    hook.remove()
+    for before, after in zip(copies, (wav, codes, cqt)):
+        assert torch.equal(before, after)
+    noisy = trainer.mix(wav, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(seen[0], noisy) and not torch.equal(noisy, wav)
+    # Same loss as feeding the noisy audio by hand with the clean targets (tiny has no dropout).
+    reference = trainer.eval()(noisy, codes, cqt, mask=mask)
+    torch.testing.assert_close(out.loss, reference.loss)
+
+
+# ------------------------------------------------------------------- loss
+def reference_loss(hidden, conv_features, loss_mask, codes, cqt, trainer):
+    """The reference criterion written out with torch.cosine_similarity, per codebook."""
+    cfg, head = trainer.config, trainer.codebook_head
+    h = hidden[loss_mask]
+    proj = head.final_proj(h).chunk(cfg.num_codebooks, dim=-1)  # untie_final_proj
+    total = 0.0
+    for k in range(cfg.num_codebooks):
+        logits = torch.cosine_similarity(proj[k][:, None, :], head.label_embs[k][None], dim=-1) / cfg.logit_temp
+        total = total + F.cross_entropy(logits, codes[:, :, k][loss_mask], reduction="sum")
+    n_m = h.shape[0]
+    mse = F.mse_loss(trainer.cqt_head(h), cqt[loss_mask])
+    pen = conv_features.float().pow(2).mean()
+    return (total + 10 * pen * n_m + 1.0 * mse * n_m) / n_m
+
+
+def test_loss_equals_reference_criterion():
+    torch.manual_seed(0)
+    trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=1), ObjectiveConfig()).eval()
+    wav = torch.randn(2, 16000) * 0.1
+    t = trainer.student.num_frames(16000)
+    codes = torch.randint(0, 1024, (2, 8, t + 2))  # EnCodec-like: 2 extra tail frames
+    cqt = torch.rand(2, t + 1, 336)
+    captured = {}
+    hook = trainer.student.register_forward_hook(lambda m, a, out: captured.update(out=out))
+    out = trainer(wav, codes, cqt)
+    hook.remove()
+    ref = reference_loss(captured["out"].last_hidden_state, captured["out"].conv_features, out.mask,
+                         codes[:, :, :t].transpose(1, 2), cqt[:, :t], trainer)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    assert set(out.terms) >= {"loss", "acoustic_ce", "acoustic_acc", "cqt_mse", "feature_penalty"}
+    assert all(not v.requires_grad for v in out.terms.values())
+    total = out.terms["acoustic_ce"] + out.terms["cqt_mse"] + 10 * out.terms["feature_penalty"]
+    torch.testing.assert_close(out.terms["loss"], total)
+
+
+def test_loss_decreases_when_overfitting_one_batch(fitted_generator):
+    torch.manual_seed(0)
+    wav = torch.stack([synth_music(1.0, 100 + s) for s in range(4)])
+    codes, cqt = fitted_generator(wav)
+    for k in range(8):  # the labels are informative, not the all-zero codes of a random EnCodec
+        assert codes[:, k].unique().numel() >= 10
+    cfg = ObjectiveConfig.from_preset("mert-tiny")
+    trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), cfg).train()
+    opt = torch.optim.Adam(trainer.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    mask = compute_span_mask((4, codes.shape[-1]), 0.8, 5, 2, generator=gen)
+    history = []
+    for _ in range(30):
+        out = trainer(wav, codes, cqt, mask=mask, generator=gen)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        history.append({k: float(v) for k, v in out.terms.items()})
+    assert history[-1]["acoustic_ce"] < 0.8 * history[0]["acoustic_ce"]
+    assert history[-1]["cqt_mse"] < 0.5 * history[0]["cqt_mse"]
+    assert history[-1]["acoustic_acc"] > history[0]["acoustic_acc"] + 0.1
+
+
+def test_label_alignment_and_input_checks():
+    trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), ObjectiveConfig()).eval()
+    wav = torch.randn(2, 16000) * 0.1
+    t = trainer.student.num_frames(16000)
+    cqt = torch.rand(2, t, 336)
+    short = trainer(wav, torch.randint(0, 1024, (2, 8, t - 1)), cqt)
+    assert not short.mask[:, t - 1:].any()  # frames without labels are left out of the loss
+    with pytest.raises(MERTError, match="student produces"):
+        trainer(wav, torch.randint(0, 1024, (2, 8, t + 20)), cqt)  # e.g. uncropped whole-file labels
+    with pytest.raises(MERTError, match=r"\[0, 1024\)"):
+        trainer(wav, torch.full((2, 8, t), 1024), cqt)
+    with pytest.raises(MERTError, match="codes are required"):
+        trainer(wav, None, cqt)
+    with pytest.raises(MERTError, match="cqt must be"):
+        trainer(wav, torch.zeros(2, 8, t, dtype=torch.long), torch.rand(2, t, 84))
+
+
+def test_padded_frames_never_enter_the_loss():
+    trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), ObjectiveConfig()).train()
+    wav = torch.randn(2, 24000) * 0.1
+    padding = torch.zeros(2, 24000, dtype=torch.bool)
+    padding[1, 12000:] = True
+    wav[1, 12000:] = 0
+    t = trainer.student.num_frames(24000)
+    out = trainer(wav, torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336), padding_mask=padding)
+    assert not out.mask[1, trainer.student.num_frames(12000):].any()
+    assert out.mask[0, trainer.student.num_frames(12000):].any()
+
+
+def test_presets_and_state_dict_layout():
+    assert ObjectiveConfig.from_preset("mert-v1-330m").final_dim == 128
+    assert ObjectiveConfig.from_preset("mert-v1-330m").mixture_max_samples == 36000
+    assert ObjectiveConfig.from_preset("mert-v1-95m") == ObjectiveConfig()
+    with pytest.raises(ConfigError):
+        ObjectiveConfig.from_preset("mert-v2")
+    with pytest.raises(ConfigError):
+        ObjectiveConfig(use_acoustic=False, use_cqt=False).validate()
+    trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), ObjectiveConfig())
+    assert trainer.student.feature_grad_mult == 0.1
+    heads = {k for k in trainer.state_dict() if not k.startswith("student.")}
+    assert heads == {"codebook_head.final_proj.weight", "codebook_head.final_proj.bias",
+                     "codebook_head.label_embs", "cqt_head.weight", "cqt_head.bias"}
+    assert trainer.codebook_head.final_proj.out_features == 8 * 64
+    student_keys = {k[len("student."):] for k in trainer.state_dict() if k.startswith("student.")}
+    assert student_keys == set(MERTModel.from_preset("mert-tiny").state_dict())
+
+
+# -------------------------------------------------------- attention relax
+def test_attention_relax_switch_equals_plain_attention():
+    torch.manual_seed(0)
+    wav = torch.randn(2, 16000) * 0.1
+    plain = MERTModel.from_preset("mert-tiny", seed=3).eval()
+    relaxed = MERTModel.from_preset("mert-tiny", seed=3).eval()
+    MERTPretrainer(relaxed, ObjectiveConfig(attention_relax=32.0))
+    alphas = {m.relax_alpha for m in relaxed.modules() if hasattr(m, "relax_alpha")}
+    assert alphas == {32.0}
+    padding = torch.zeros(2, 16000, dtype=torch.bool)
+    padding[1, 9000:] = True
+    a = plain(wav, padding_mask=padding).hidden_states
+    b = relaxed(wav, padding_mask=padding).hidden_states
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_relax_attention_survives_fp16_logits_that_overflow_plain_matmul():
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 16, 64) * 40
+    k = torch.randn(1, 2, 16, 64) * 40
+    v = torch.randn(1, 2, 16, 64)
+    k[..., 3, :] = q[..., 5, :]  # one huge logit: |q.k| ~ 1e5 > fp16 max
+    assert torch.isinf(torch.matmul(q.half(), k.half().transpose(-1, -2))).any()
+    reference = torch.softmax(q @ k.transpose(-1, -2) / 8.0, dim=-1) @ v
+    out = relax_attention(q.half(), k.half(), v.half(), None, alpha=32.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
