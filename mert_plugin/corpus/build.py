@@ -1,0 +1,394 @@
+"""Build the default corpus: music21 scores -> rendered audio clips + one CSV per task.
+
+Output folder layout::
+
+    OUT/
+      corpus.json                 manifest: tasks, classes, seed, settings, pieces
+      key.csv composer.csv instrument.csv pitch.csv
+      audio/pieces/<composer>/<piece>/t<shift>_<timbre>_<clip>.wav
+      audio/notes/<timbre>/v<variant>/p<midi>.wav
+      .cache/                     parsed scores (JSON), markers of finished units
+
+Every random choice is drawn from a generator seeded by ``stable_hash(seed, <what>)``,
+so a unit's audio does not depend on which other units are built, and the same
+settings give byte-identical WAV files, CSVs and manifest.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .render import (SAMPLE_RATE, SYNTH_VERSION, TIMBRES, Note, RenderError, find_fluidsynth,
+                     render_fluidsynth, render_synth, timbre_preset)
+from .scores import (DEFAULT_BPM, DEFAULT_COMPOSERS, KEY_CLASSES, MODAL_COLLECTIONS, PITCH_CLASS_NAMES,
+                     PieceInfo, candidate_order, parse_piece, transpose_key, transpose_notes)
+from .tables import (CorpusError, assign_splits, atomic_write_bytes, atomic_write_json,
+                     split_counts, stable_hash, write_task_csv)
+
+ALL_TASKS = ("key", "composer", "instrument", "pitch")
+MANIFEST_FORMAT = "mert-corpus/1"
+PARSE_VERSION = 2          # bump when score_to_notes or key_of change, to invalidate cached parses
+SILENCE_RMS = 0.003        # clips quieter than this (about -50 dBFS) are dropped
+RENDERERS = ("auto", "synth", "fluidsynth")
+WAV_SUBTYPES = ("PCM_16", "FLOAT")
+
+
+def rng_for(*parts) -> np.random.Generator:
+    return np.random.default_rng(stable_hash(*parts))
+
+
+def resolve_renderer(renderer: str, soundfont: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """``(renderer, soundfont)`` actually used. ``auto`` always means the built-in synth:
+    the corpus must not change with whatever happens to be installed on a machine, so
+    fluidsynth is used only when asked for by name."""
+    if renderer not in RENDERERS:
+        raise CorpusError(f"renderer must be one of {list(RENDERERS)}, got {renderer!r}")
+    if renderer == "fluidsynth":
+        found = find_fluidsynth(soundfont)
+        if found is None:
+            raise RenderError("renderer 'fluidsynth' was asked for but no fluidsynth binary + .sf2/.sf3 "
+                              "soundfont was found (install e.g. apt packages fluidsynth and "
+                              "timgm6mb-soundfont, or pass a soundfont path)")
+        return "fluidsynth", found[1]
+    return "synth", None
+
+
+def render_notes(notes: Sequence[Note], timbre: str, rng: np.random.Generator, *, renderer: str,
+                 soundfont: Optional[str], sample_rate: int, max_seconds: Optional[float],
+                 preset: Optional[dict] = None) -> np.ndarray:
+    """Dispatch to the chosen renderer; ``float32 [num_samples]``."""
+    if renderer == "fluidsynth":
+        return render_fluidsynth(notes, timbre, sample_rate=sample_rate, soundfont=soundfont,
+                                 max_seconds=max_seconds)
+    return render_synth(notes, timbre, rng, sample_rate=sample_rate, preset=preset, max_seconds=max_seconds)
+
+
+# --------------------------------------------------------------------------- cache helpers
+
+def _write_wav(path: Path, audio: np.ndarray, sr: int, subtype: str) -> None:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, audio, sr, subtype=subtype, format="WAV")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _cached_clips(out: Path, marker: Path, names: Callable[[int], str],
+                  make_clips: Callable[[], List[Optional[np.ndarray]]], sr: int, subtype: str) -> List[int]:
+    """Write one rendered unit's clips to ``out / names(j)`` and return the indices ``j`` kept.
+
+    ``make_clips()`` renders the unit and returns its clips (``None`` for a dropped clip).
+    The WAV files are the cache: ``marker`` (a JSON list of kept indices, written after
+    the last WAV) says the unit is complete, so a rebuild with the same settings skips
+    rendering as long as the marker and all its WAVs exist.
+    """
+    if marker.is_file():
+        try:
+            kept = [int(j) for j in json.loads(marker.read_text())["clips"]]
+            if all((out / names(j)).is_file() for j in kept):
+                return kept
+        except (ValueError, KeyError, TypeError):
+            pass  # damaged marker: render again
+    kept = []
+    for j, clip in enumerate(make_clips()):
+        if clip is not None:
+            _write_wav(out / names(j), clip, sr, subtype)
+            kept.append(j)
+    atomic_write_json(marker, {"clips": kept})
+    return kept
+
+
+def _load_piece(piece: str, composer: str, cache: Path, max_seconds: float, bpm: float) -> PieceInfo:
+    import music21
+
+    key = stable_hash(PARSE_VERSION, music21.__version__, piece, max_seconds, bpm)
+    path = cache / "scores" / f"{key:016x}.json"
+    if path.is_file():
+        try:
+            return PieceInfo.from_json(json.loads(path.read_text()))
+        except (ValueError, KeyError):
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # music21 warns about harmless notation quirks
+        info = parse_piece(piece, composer, max_seconds=max_seconds, default_bpm=bpm)
+    atomic_write_json(path, info.to_json())
+    return info
+
+
+# --------------------------------------------------------------------------- piece selection
+
+def select_pieces(composers: Sequence[str], num_pieces: int, seed: int, *, cache: Path,
+                  max_seconds: float, min_seconds: float, bpm: float,
+                  progress: bool = True) -> Tuple[List[PieceInfo], List[dict]]:
+    """Pick ``num_pieces`` pieces, taking composers in turn (each in its seeded order), so
+    they are spread evenly; a composer that runs out leaves its turns to the others.
+
+    A piece that fails to parse, is shorter than ``min_seconds`` or duplicates the music of
+    an already chosen piece (same opening, see :meth:`PieceInfo.fingerprint`) is skipped
+    and reported. Returns ``(pieces, skipped)``.
+    """
+    from tqdm import tqdm
+
+    candidates = {c: iter(candidate_order(c, seed)) for c in composers}
+    chosen: List[PieceInfo] = []
+    skipped: List[dict] = []
+    seen = set()
+
+    def next_piece(composer: str) -> Optional[PieceInfo]:
+        for piece in candidates[composer]:
+            try:
+                info = _load_piece(piece, composer, cache, max_seconds, bpm)
+            except Exception as exc:  # corrupt or exotic corpus files: skip, report, go on
+                skipped.append({"piece": piece, "reason": f"{type(exc).__name__}: {exc}"[:200]})
+                continue
+            if info.duration < min_seconds:
+                skipped.append({"piece": piece, "reason": f"shorter than one clip ({info.duration:.1f} s)"})
+            elif info.fingerprint() in seen:
+                skipped.append({"piece": piece, "reason": "same music as an already chosen piece"})
+            else:
+                seen.add(info.fingerprint())
+                return info
+        return None
+
+    active = list(composers)
+    with tqdm(total=num_pieces, desc="scores", unit="piece", disable=not progress) as bar:
+        while active and len(chosen) < num_pieces:
+            for composer in list(active):
+                if len(chosen) >= num_pieces:
+                    break
+                info = next_piece(composer)
+                if info is None:
+                    active.remove(composer)
+                else:
+                    chosen.append(info)
+                    bar.update(1)
+    return chosen, skipped
+
+
+def _balanced(items: Sequence, n: int, rng: np.random.Generator) -> list:
+    """``n`` items made of back-to-back random permutations of ``items``: every item occurs
+    ``n // len(items)`` or one more times, in random order."""
+    out: list = []
+    while len(out) < n:
+        out.extend(items[i] for i in rng.permutation(len(items)))
+    return out[:n]
+
+
+def _slug(piece: str) -> str:
+    """``"mozart/k155/movement1.mxl" -> "k155_movement1"`` (file-system safe)."""
+    stem = piece.split("/", 1)[-1].rsplit(".", 1)[0]
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in stem)
+
+
+# --------------------------------------------------------------------------- the builder
+
+def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DEFAULT_COMPOSERS,
+                 versions_per_piece: int = 2, max_piece_seconds: float = 30.0, clip_seconds: float = 5.0,
+                 seed: int = 0, renderer: str = "auto", soundfont: Optional[str] = None,
+                 timbres: Optional[Sequence[str]] = None, tasks: Sequence[str] = ALL_TASKS,
+                 transpose: bool = True, note_variants: int = 4, pitch_range: Tuple[int, int] = (48, 72),
+                 note_seconds: float = 2.0, sample_rate: int = SAMPLE_RATE, wav_subtype: str = "PCM_16",
+                 split_fractions: Sequence[float] = (0.7, 0.15, 0.15), key_min_correlation: float = 0.75,
+                 default_bpm: float = DEFAULT_BPM, progress: bool = True) -> dict:
+    """Render the default corpus into ``out_dir`` and return the manifest (also written
+    to ``out_dir/corpus.json``).
+
+    Piece tasks (``key``, ``composer``, ``instrument``) share the same clips: each of
+    ``num_pieces`` scores is rendered ``versions_per_piece`` times (each version with
+    its own transposition and timbre, drawn so that tonics and timbres are balanced),
+    cut after ``max_piece_seconds`` and split into ``clip_seconds`` clips. The ``pitch``
+    task renders isolated notes over ``pitch_range`` (inclusive MIDI numbers) for
+    ``note_variants`` random presets of every timbre, ``note_seconds`` long.
+
+    Splits: pieces are split per composer (:func:`~.tables.assign_splits`), so all
+    clips and versions of a piece share a split; note presets are split per timbre by
+    ``stable_hash(seed, "<timbre>/v<variant>")``, so a preset's notes all share a split
+    and test presets are never heard in training.
+    """
+    from tqdm import tqdm
+
+    tasks = tuple(tasks)
+    timbres = tuple(timbres) if timbres else tuple(TIMBRES)
+    _validate(tasks, timbres, composers, num_pieces, versions_per_piece, max_piece_seconds, clip_seconds,
+              note_variants, pitch_range, note_seconds, sample_rate, wav_subtype)
+    renderer, soundfont = resolve_renderer(renderer, soundfont)
+    out = Path(out_dir)
+    cache = out / ".cache"
+    sr = sample_rate
+    render_kw = dict(renderer=renderer, soundfont=soundfont, sample_rate=sr)
+    rows: Dict[str, List[dict]] = {t: [] for t in tasks}
+    manifest_pieces: List[dict] = []
+    skipped: List[dict] = []
+
+    # ---- polyphonic pieces: key / composer / instrument
+    if any(t in tasks for t in ("key", "composer", "instrument")):
+        pieces, skipped = select_pieces(composers, num_pieces, seed, cache=cache, max_seconds=max_piece_seconds,
+                                        min_seconds=clip_seconds, bpm=default_bpm, progress=progress)
+        if not pieces:
+            raise CorpusError("no usable pieces: every candidate failed to parse or was too short")
+        splits = assign_splits([p.piece for p in pieces], seed, split_fractions,
+                               strata={p.piece: p.composer for p in pieces})
+        n_units = len(pieces) * versions_per_piece
+        # Pieces of the key task draw their target tonics from one balanced sequence (so its
+        # 12 tonics are equally common), the other pieces from another.
+        tonic_seqs = {ok: iter(_balanced(list(range(12)), n_units, rng_for(seed, "tonics", ok)))
+                      for ok in (True, False)}
+        unit_timbres = _balanced(list(timbres), n_units, rng_for(seed, "timbres"))
+        n_clip = int(round(clip_seconds * sr))
+        bar = tqdm(total=n_units, desc="render pieces", unit="version", disable=not progress)
+        for i, info in enumerate(pieces):
+            entry = {"piece": info.piece, "composer": info.composer, "split": splits[info.piece],
+                     "key": info.key, "key_correlation": round(info.key_correlation, 4),
+                     "seconds": round(min(info.duration, max_piece_seconds), 3), "versions": []}
+            tonic, _mode = info.key.split(" ")
+            in_key_task = ("key" in tasks and info.key_correlation >= key_min_correlation
+                           and info.composer not in MODAL_COLLECTIONS)
+            for v in range(versions_per_piece):
+                u = i * versions_per_piece + v
+                target = next(tonic_seqs[in_key_task])
+                shift = ((target - PITCH_CLASS_NAMES.index(tonic) + 6) % 12) - 6 if transpose else 0
+                timbre = unit_timbres[u]
+                key = transpose_key(info.key, shift)
+                stem = f"audio/pieces/{info.composer}/{_slug(info.piece)}/t{shift:+d}_{timbre}"
+                unit_key = stable_hash(SYNTH_VERSION, PARSE_VERSION, renderer, soundfont, sr, max_piece_seconds,
+                                       default_bpm, clip_seconds, wav_subtype, seed, info.piece, v, shift, timbre)
+
+                def make_clips(info=info, shift=shift, timbre=timbre, v=v):
+                    audio = render_notes(transpose_notes(info.notes, shift), timbre,
+                                         rng_for(seed, "unit", info.piece, v), max_seconds=max_piece_seconds,
+                                         **render_kw)
+                    clips = [audio[j * n_clip:(j + 1) * n_clip] for j in range(len(audio) // n_clip)]
+                    # Drop near-silent clips (long rests): they carry no label information.
+                    return [c if np.sqrt(np.mean(c.astype(np.float64) ** 2)) >= SILENCE_RMS else None
+                            for c in clips]
+
+                kept = _cached_clips(out, cache / "units" / f"{unit_key:016x}.json",
+                                     lambda j, stem=stem: f"{stem}_{j:02d}.wav", make_clips, sr, wav_subtype)
+                for j in kept:
+                    common = {"path": f"{stem}_{j:02d}.wav", "split": splits[info.piece], "piece": info.piece,
+                              "composer": info.composer, "timbre": timbre, "transpose": shift,
+                              "key": key, "start_s": round(j * clip_seconds, 3)}
+                    if in_key_task:
+                        rows["key"].append({**common, "label": key,
+                                            "key_correlation": round(info.key_correlation, 4)})
+                    if "composer" in tasks:
+                        rows["composer"].append({**common, "label": info.composer})
+                    if "instrument" in tasks:
+                        rows["instrument"].append({**common, "label": timbre})
+                entry["versions"].append({"transpose": shift, "timbre": timbre, "key": key, "clips": len(kept)})
+                bar.update(1)
+            manifest_pieces.append(entry)
+        bar.close()
+
+    # ---- isolated notes: pitch
+    note_presets: List[dict] = []
+    if "pitch" in tasks:
+        pitches = list(range(pitch_range[0], pitch_range[1] + 1))
+        groups = {f"{t}/v{v}": t for t in timbres for v in range(note_variants)}
+        note_splits = assign_splits(groups, seed, split_fractions, strata=groups)
+        n_note = int(round(note_seconds * sr))
+        hold = 0.75 * note_seconds  # key down for 3/4 of the clip, then the release rings out
+        bar = tqdm(total=len(groups), desc="render notes", unit="preset", disable=not progress)
+        for group, timbre in groups.items():
+            prng = rng_for(seed, "note-preset", group)
+            preset, velocity = timbre_preset(prng), int(prng.integers(50, 121))
+            unit_key = stable_hash(SYNTH_VERSION, renderer, soundfont, sr, note_seconds, wav_subtype, seed,
+                                   group, pitch_range[0], pitch_range[1])
+
+            def make_notes(group=group, timbre=timbre, preset=preset, velocity=velocity):
+                clips = []
+                for p in pitches:
+                    y = render_notes([Note(0.0, hold, p, velocity)], timbre, rng_for(seed, "note", group, p),
+                                     max_seconds=note_seconds, preset=preset, **render_kw)
+                    clips.append(np.pad(y[:n_note], (0, max(0, n_note - len(y)))))  # exactly note_seconds
+                return clips
+
+            kept = _cached_clips(out, cache / "units" / f"{unit_key:016x}.json",
+                                 lambda k, group=group: f"audio/notes/{group}/p{pitches[k]:03d}.wav",
+                                 make_notes, sr, wav_subtype)
+            for k in kept:
+                rows["pitch"].append({"path": f"audio/notes/{group}/p{pitches[k]:03d}.wav", "label": str(pitches[k]),
+                                      "split": note_splits[group], "piece": group, "timbre": timbre,
+                                      "velocity": velocity})
+            note_presets.append({"preset": group, "timbre": timbre, "split": note_splits[group],
+                                 "velocity": velocity, **{k: round(v, 4) for k, v in preset.items()}})
+            bar.update(1)
+        bar.close()
+
+    # ---- tables + manifest
+    classes = {"key": list(KEY_CLASSES), "composer": list(dict.fromkeys(p["composer"] for p in manifest_pieces)),
+               "instrument": list(timbres),
+               "pitch": [str(p) for p in range(pitch_range[0], pitch_range[1] + 1)]}
+    descriptions = {
+        "key": f"global key of the piece (music21 key profiles + first/last bass note, see scores.key_of), "
+               f"transposed with the audio; modal collections {list(MODAL_COLLECTIONS)} and pieces whose key "
+               f"correlation is below {key_min_correlation} are left out",
+        "composer": "composer (music21 corpus folder) of the piece",
+        "instrument": "synth timbre the whole piece was rendered with",
+        "pitch": "MIDI pitch of an isolated note (NSynth-like)",
+    }
+    manifest_tasks = {}
+    for t in tasks:
+        if not rows[t]:
+            raise CorpusError(f"task {t!r} got no clips (pieces too short; for 'key': only modal composers, "
+                              f"or all below key_min_correlation?)")
+        write_task_csv(out / f"{t}.csv", rows[t])
+        manifest_tasks[t] = {"csv": f"{t}.csv", "type": "multiclass", "metric": "accuracy",
+                             "classes": classes[t], "description": descriptions[t],
+                             "num_clips": split_counts([r["split"] for r in rows[t]])}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "sample_rate": sr,
+        "clip_seconds": clip_seconds,
+        "seed": seed,
+        "renderer": renderer,
+        "soundfont": soundfont,
+        "tasks": manifest_tasks,
+        "timbres": {t: TIMBRES[t].description for t in timbres},
+        "settings": {"num_pieces": num_pieces, "composers": list(composers), "versions_per_piece": versions_per_piece,
+                     "max_piece_seconds": max_piece_seconds, "transpose": transpose,
+                     "note_variants": note_variants, "pitch_range": list(pitch_range), "note_seconds": note_seconds,
+                     "wav_subtype": wav_subtype, "split_fractions": list(split_fractions),
+                     "key_min_correlation": key_min_correlation, "default_bpm": default_bpm,
+                     "synth_version": SYNTH_VERSION},
+        "pieces": manifest_pieces,
+        "note_presets": note_presets,
+        "skipped_pieces": skipped,
+        "split_rule": "pieces: per composer, ordered by sha256(seed, piece), cut 70/15/15 (at least one "
+                      "valid and one test piece per composer with >= 3 pieces); notes: the same rule over "
+                      "'<timbre>/v<variant>' presets, per timbre",
+    }
+    atomic_write_json(out / "corpus.json", manifest)
+    return manifest
+
+
+def _validate(tasks, timbres, composers, num_pieces, versions, max_s, clip_s, note_variants, pitch_range,
+              note_s, sr, subtype) -> None:
+    bad = [t for t in tasks if t not in ALL_TASKS]
+    if bad or not tasks:
+        raise CorpusError(f"unknown task(s) {bad or tasks}; choose from {list(ALL_TASKS)}")
+    bad = [t for t in timbres if t not in TIMBRES]
+    if bad:
+        raise CorpusError(f"unknown timbre(s) {bad}; choose from {list(TIMBRES)}")
+    if not composers:
+        raise CorpusError("at least one composer is needed")
+    checks = [
+        (num_pieces >= 1, f"num_pieces must be >= 1, got {num_pieces}"),
+        (versions >= 1, f"versions_per_piece must be >= 1, got {versions}"),
+        (clip_s > 0 and math.isfinite(clip_s), f"clip_seconds must be > 0, got {clip_s}"),
+        (max_s >= clip_s, f"max_piece_seconds ({max_s}) must be >= clip_seconds ({clip_s})"),
+        (note_variants >= 1, f"note_variants must be >= 1, got {note_variants}"),
+        (0 <= pitch_range[0] <= pitch_range[1] <= 127, f"pitch_range must be 0 <= low <= high <= 127, got {pitch_range}"),
+        (note_s > 0, f"note_seconds must be > 0, got {note_s}"),
+        (8000 <= sr <= 96000, f"sample_rate {sr} is out of range (MERT expects 24000)"),
+        (subtype in WAV_SUBTYPES, f"wav_subtype must be one of {list(WAV_SUBTYPES)}, got {subtype!r}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise CorpusError(msg)

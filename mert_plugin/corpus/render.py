@@ -1,0 +1,367 @@
+"""Note events -> mono float audio.
+
+Two renderers:
+
+* ``synth`` (built in, the default): six timbres made by additive / subtractive
+  synthesis and Karplus-Strong, ADSR envelopes and a short synthetic room reverb.
+  Every random choice comes from the ``numpy.random.Generator`` passed in, so the
+  same seed gives the same samples.
+* ``fluidsynth`` (optional): writes a Standard MIDI File and calls the
+  ``fluidsynth`` binary with a General MIDI soundfont, when both are installed.
+
+Shapes: audio is a 1-D ``float32`` array ``[num_samples]`` in [-1, 1].
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy.signal import lfilter
+
+from ..errors import MERTError
+
+SAMPLE_RATE = 24000
+# Bumped whenever the synthesis changes, so cached renders are not reused.
+SYNTH_VERSION = 1
+SOUNDFONT_DIRS = ("/usr/share/sounds/sf2", "/usr/share/soundfonts", "/usr/share/sounds/sf3")
+
+
+class RenderError(MERTError, RuntimeError):
+    """A renderer is unavailable or failed (e.g. fluidsynth missing or crashing)."""
+
+
+class Note(NamedTuple):
+    """One sounding note. ``onset``/``duration`` in seconds, ``pitch`` MIDI number, ``velocity`` 1..127."""
+
+    onset: float
+    duration: float
+    pitch: int
+    velocity: int
+
+
+def midi_to_hz(pitch: float) -> float:
+    return 440.0 * 2.0 ** ((pitch - 69) / 12.0)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def adsr(n_hold: int, sr: int, attack: float, decay: float, sustain: float, release: float) -> np.ndarray:
+    """Envelope ``[n_hold + n_release]``: linear attack, exponential decay towards ``sustain``
+    while the key is down, then an exponential release reaching -60 dB after ``release`` s.
+    A note shorter than its attack releases from wherever the attack got to (no click)."""
+    n_a, n_d, n_r = max(1, int(attack * sr)), max(1, int(decay * sr)), max(1, int(release * sr))
+    t = np.arange(n_hold, dtype=np.float64)
+    held = np.where(t < n_a, t / n_a, sustain + (1.0 - sustain) * np.exp(-(t - n_a) / n_d))
+    level = held[-1] if n_hold else 0.0
+    tail = level * np.exp(-6.9 * np.arange(n_r) / n_r)
+    return np.concatenate([held, tail])
+
+
+def one_pole_lowpass(x: np.ndarray, cutoff_hz: float, sr: int) -> np.ndarray:
+    a = math.exp(-2.0 * math.pi * min(cutoff_hz, 0.45 * sr) / sr)
+    return lfilter([1.0 - a], [1.0, -a], x)
+
+
+def _phase(f0: float, n: int, sr: int, vibrato_hz: float = 0.0, vibrato_depth: float = 0.0,
+           vibrato_delay: float = 0.2) -> np.ndarray:
+    """Running phase (radians) ``[n]`` of the fundamental, with an optional sinusoidal vibrato
+    (relative depth) that fades in after ``vibrato_delay`` s. Vibrato is symmetric, so the
+    mean frequency stays ``f0``."""
+    if vibrato_depth <= 0:
+        return 2.0 * math.pi * f0 * np.arange(n) / sr
+    t = np.arange(n) / sr
+    fade = np.clip((t - vibrato_delay) / 0.3, 0.0, 1.0)
+    inst = f0 * (1.0 + vibrato_depth * fade * np.sin(2.0 * math.pi * vibrato_hz * t))
+    return 2.0 * math.pi * np.concatenate([[0.0], np.cumsum(inst[:-1])]) / sr
+
+
+def _additive(phase: np.ndarray, f0: float, ratios: np.ndarray, amps: np.ndarray, sr: int,
+              rng: np.random.Generator, decays: Optional[np.ndarray] = None) -> np.ndarray:
+    """Sum of partials ``amps[k] * sin(ratios[k] * phase + random phase)`` ``[n]``; partials
+    above 0.45*sr are dropped (no aliasing). ``decays[k]`` (s) adds a per-partial exponential decay."""
+    keep = ratios * f0 < 0.45 * sr
+    ratios, amps = ratios[keep], amps[keep]
+    phi0 = rng.uniform(0, 2 * math.pi, size=len(ratios))
+    parts = np.sin(np.outer(ratios, phase) + phi0[:, None]) * amps[:, None]  # [K, n]
+    if decays is not None:
+        t = np.arange(len(phase)) / sr
+        parts *= np.exp(-np.outer(1.0 / decays[keep], t))
+    return parts.sum(axis=0)
+
+
+def karplus_strong(f0: float, n: int, sr: int, rng: np.random.Generator, t60: float,
+                   brightness: float) -> np.ndarray:
+    """Plucked string ``[n]``: a noise burst circulating in a delay loop with a two-point
+    average (the string loss) and a first-order all-pass for the fractional part of the
+    period (without it, high notes would be up to ~40 cents out of tune). The whole loop is
+    one IIR filter, so scipy's ``lfilter`` runs it in C instead of a Python sample loop."""
+    period = sr / f0
+    # Loop delay = N (delay line) + 0.5 (averager) + d (all-pass); keep d in [0.1, 1.1)
+    # where the all-pass delay is accurate.
+    n_int = int(math.floor(period - 0.5 - 0.1))
+    d = period - 0.5 - n_int
+    w = 2.0 * math.pi * f0 / sr
+    # All-pass coefficient whose phase delay is exactly d samples at f0 (the textbook
+    # (1-d)/(1+d) is its low-frequency limit and drifts sharp by ~1 semitone near 2.6 kHz).
+    c = math.sin(0.5 * w * (1.0 - d)) / math.sin(0.5 * w * (1.0 + d))
+    g = 0.001 ** (1.0 / (f0 * t60))  # loop gain: -60 dB after t60 seconds
+    # y = x + g/2 (1 + z^-1) A(z) z^-N y, with A(z) = (c + z^-1) / (1 + c z^-1).
+    a = np.zeros(n_int + 3)
+    a[0], a[1] = 1.0, c
+    a[n_int] -= 0.5 * g * c
+    a[n_int + 1] -= 0.5 * g * (1.0 + c)
+    a[n_int + 2] -= 0.5 * g
+    excitation = np.zeros(n)
+    burst = rng.uniform(-1.0, 1.0, size=min(n, n_int + 1))
+    # Softer plucks have fewer high harmonics: low-pass the burst.
+    excitation[: len(burst)] = one_pole_lowpass(burst - burst.mean(), brightness, sr)
+    return lfilter([1.0, c], a, excitation)
+
+
+# --------------------------------------------------------------------------- timbres
+
+@dataclass(frozen=True)
+class Timbre:
+    """A synth voice. ``synth(f0, n_hold, velocity, sr, rng, preset) -> [n_hold + release]``."""
+
+    name: str
+    gm_program: int  # General MIDI program (0-based) used by the fluidsynth renderer
+    synth: Callable[..., np.ndarray]
+    description: str
+
+
+def _organ(f0, n_hold, vel, sr, rng, preset):
+    # Drawbar organ: fixed harmonic stops, no decay, fast attack/release.
+    ratios = np.array([1, 2, 3, 4, 6, 8], dtype=float)
+    amps = np.array([1.0, 0.6, 0.35, 0.3, 0.15, 0.1]) * preset["brightness"] ** np.arange(6)
+    env = adsr(n_hold, sr, 0.012, 0.05, 1.0, 0.08)
+    return _additive(_phase(f0, len(env), sr), f0, ratios, amps, sr, rng) * env
+
+
+def _piano(f0, n_hold, vel, sr, rng, preset):
+    # Struck string: slightly stretched partials, higher partials decay faster, harder
+    # strikes (velocity) are brighter; the damper cuts the sound at key release.
+    k = np.arange(1, 15, dtype=float)
+    inharm = 1e-4 * (f0 / 261.6)
+    ratios = k * np.sqrt(1.0 + inharm * k ** 2)
+    tilt = 0.45 - 0.25 * (vel / 127.0) * preset["brightness"]
+    amps = k ** -1.0 * np.exp(-tilt * (k - 1))
+    t1 = float(np.clip(2.5 * math.sqrt(261.6 / f0), 0.6, 6.0))
+    decays = t1 / (1.0 + 0.6 * (k - 1))
+    env = adsr(n_hold, sr, 0.004, 10.0, 1.0, 0.12)  # decay is in the partials, not the ADSR
+    return _additive(_phase(f0, len(env), sr), f0, ratios, amps, sr, rng, decays) * env
+
+
+def _pluck(f0, n_hold, vel, sr, rng, preset):
+    env = adsr(n_hold, sr, 0.001, 10.0, 1.0, 0.06)  # the finger damps the string on release
+    t60 = float(np.clip(3.0 * math.sqrt(220.0 / f0), 0.5, 5.0))
+    cutoff = (1500.0 + 6000.0 * vel / 127.0) * preset["brightness"]
+    return karplus_strong(f0, len(env), sr, rng, t60, cutoff) * env
+
+
+def _reed(f0, n_hold, vel, sr, rng, preset):
+    # Clarinet-like: mostly odd harmonics (a band-limited square wave) through a soft low-pass.
+    k = np.arange(1, 26, dtype=float)
+    amps = np.where(k % 2 == 1, 1.0 / k, 0.08 / k)
+    amps = amps / (1.0 + (k * f0 / (2500.0 * preset["brightness"])) ** 2)
+    env = adsr(n_hold, sr, 0.03, 0.1, 0.8, 0.06)
+    return _additive(_phase(f0, len(env), sr), f0, k, amps, sr, rng) * env
+
+
+def _strings(f0, n_hold, vel, sr, rng, preset):
+    # Bowed string: band-limited sawtooth, slow attack, delayed vibrato.
+    k = np.arange(1, 31, dtype=float)
+    amps = (1.0 / k) / (1.0 + (k * f0 / (3000.0 * preset["brightness"])) ** 2)
+    env = adsr(n_hold, sr, 0.08, 0.2, 0.85, 0.15)
+    phase = _phase(f0, len(env), sr, vibrato_hz=5.5, vibrato_depth=0.003, vibrato_delay=0.25)
+    return _additive(phase, f0, k, amps, sr, rng) * env
+
+
+def _flute(f0, n_hold, vel, sr, rng, preset):
+    # Nearly sinusoidal with a little breath noise and a gentle vibrato.
+    k = np.array([1, 2, 3, 4], dtype=float)
+    amps = np.array([1.0, 0.3, 0.12, 0.05]) * preset["brightness"] ** np.arange(4)
+    env = adsr(n_hold, sr, 0.06, 0.1, 0.9, 0.08)
+    phase = _phase(f0, len(env), sr, vibrato_hz=4.8, vibrato_depth=0.002, vibrato_delay=0.3)
+    tone = _additive(phase, f0, k, amps, sr, rng)
+    breath = one_pole_lowpass(rng.standard_normal(len(env)), 4000.0, sr)
+    return (tone + 0.05 * breath) * env
+
+
+TIMBRES: Dict[str, Timbre] = {
+    t.name: t
+    for t in (
+        Timbre("organ", 19, _organ, "additive drawbar organ, sustained"),
+        Timbre("piano", 0, _piano, "additive struck string with per-partial decay"),
+        Timbre("pluck", 24, _pluck, "Karplus-Strong plucked string"),
+        Timbre("reed", 71, _reed, "odd-harmonic (square-ish) reed, low-passed"),
+        Timbre("strings", 48, _strings, "band-limited sawtooth with vibrato"),
+        Timbre("flute", 73, _flute, "near-sine with breath noise and vibrato"),
+    )
+}
+
+
+def timbre_preset(rng: np.random.Generator) -> Dict[str, float]:
+    """Random per-recording variation of a timbre: brightness and room."""
+    return {
+        "brightness": float(rng.uniform(0.8, 1.2)),
+        "rt60": float(rng.uniform(0.25, 0.7)),  # room reverberation time (s)
+        "wet": float(rng.uniform(0.1, 0.25)),   # reverb level relative to the dry sound
+    }
+
+
+def room_reverb(x: np.ndarray, sr: int, rng: np.random.Generator, rt60: float, wet: float) -> np.ndarray:
+    """Add a synthetic room: exponentially decaying white noise as impulse response
+    (energy -60 dB after ``rt60`` s), applied by FFT convolution. ``[n] -> [n + len(ir) - 1]``."""
+    n_ir = max(2, int(rt60 * sr))
+    ir = rng.standard_normal(n_ir) * np.exp(-6.9 * np.arange(n_ir) / n_ir)
+    ir[: int(0.005 * sr)] = 0.0  # 5 ms pre-delay before the first reflection
+    ir /= np.sqrt(np.sum(ir ** 2)) + 1e-12
+    n = len(x) + n_ir - 1
+    n_fft = 1 << (n - 1).bit_length()
+    reverb = np.fft.irfft(np.fft.rfft(x, n_fft) * np.fft.rfft(ir, n_fft), n_fft)[:n]
+    out = reverb * wet
+    out[: len(x)] += x
+    return out
+
+
+# --------------------------------------------------------------------------- the synth renderer
+
+def render_synth(notes: Sequence[Note], timbre: str, rng: np.random.Generator, *,
+                 sample_rate: int = SAMPLE_RATE, preset: Optional[Dict[str, float]] = None,
+                 max_seconds: Optional[float] = None, reverb: bool = True,
+                 peak: float = 0.9) -> np.ndarray:
+    """Render ``notes`` with the built-in ``timbre``; returns ``float32 [num_samples]``.
+
+    The output is peak-normalised to ``peak`` (loudness is then not a cue for any label)
+    and, with ``max_seconds``, cut there with a 20 ms fade-out.
+    """
+    if timbre not in TIMBRES:
+        raise RenderError(f"unknown timbre {timbre!r}; choose from {sorted(TIMBRES)}")
+    if not notes:
+        raise RenderError("nothing to render: no notes")
+    sr = sample_rate
+    preset = preset or timbre_preset(rng)
+    voice = TIMBRES[timbre].synth
+    rendered: List[Tuple[int, np.ndarray]] = []
+    for note in sorted(notes):
+        if max_seconds is not None and note.onset >= max_seconds:
+            break
+        start = int(round(note.onset * sr))
+        n_hold = max(1, int(round(note.duration * sr)))
+        amp = (max(1, min(127, note.velocity)) / 127.0) ** 1.5
+        y = voice(midi_to_hz(note.pitch), n_hold, note.velocity, sr, rng, preset)
+        rendered.append((start, amp * y))
+    total = max(s + len(y) for s, y in rendered)
+    out = np.zeros(total)
+    for s, y in rendered:
+        out[s: s + len(y)] += y
+    if reverb:
+        out = room_reverb(out, sr, rng, preset["rt60"], preset["wet"])
+    return finish(out, sr, max_seconds, peak)
+
+
+def finish(x: np.ndarray, sr: int, max_seconds: Optional[float], peak: float) -> np.ndarray:
+    """Cut to ``max_seconds`` (20 ms fade-out at the cut) and peak-normalise; float32."""
+    if max_seconds is not None and len(x) > int(max_seconds * sr):
+        x = x[: int(max_seconds * sr)].copy()
+        n_fade = min(len(x), int(0.02 * sr))
+        x[len(x) - n_fade:] *= np.linspace(1.0, 0.0, n_fade)
+    m = float(np.max(np.abs(x))) if len(x) else 0.0
+    if m > 0:
+        x = x * (peak / m)
+    return x.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- MIDI + fluidsynth
+
+def _vlq(value: int) -> bytes:
+    """MIDI variable-length quantity."""
+    out = [value & 0x7F]
+    value >>= 7
+    while value:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    return bytes(reversed(out))
+
+
+def notes_to_midi(notes: Sequence[Note], program: int = 0, channel: int = 0) -> bytes:
+    """A format-0 Standard MIDI File for ``notes``: 120 bpm and 480 ticks per quarter,
+    so one second is exactly 960 ticks and note times survive the round trip."""
+    tpq, ticks_per_s = 480, 960
+    events = []  # (tick, order, bytes); note-offs (order 0) before note-ons at the same tick
+    for n in notes:
+        on = int(round(n.onset * ticks_per_s))
+        off = max(on + 1, int(round((n.onset + n.duration) * ticks_per_s)))
+        p, v = int(np.clip(n.pitch, 0, 127)), int(np.clip(n.velocity, 1, 127))
+        events.append((on, 1, bytes([0x90 | channel, p, v])))
+        events.append((off, 0, bytes([0x80 | channel, p, 0])))
+    events.sort(key=lambda e: (e[0], e[1]))
+    track = bytearray(b"\x00\xff\x51\x03" + (500000).to_bytes(3, "big"))  # tempo: 120 bpm
+    track += b"\x00" + bytes([0xC0 | channel, program & 0x7F])
+    last = 0
+    for tick, _, msg in events:
+        track += _vlq(tick - last) + msg
+        last = tick
+    track += b"\x00\xff\x2f\x00"  # end of track
+    header = b"MThd" + struct.pack(">IHHH", 6, 0, 1, tpq)
+    return header + b"MTrk" + struct.pack(">I", len(track)) + bytes(track)
+
+
+def find_fluidsynth(soundfont: Optional[str] = None) -> Optional[Tuple[str, str]]:
+    """``(fluidsynth binary, soundfont path)`` if both are installed, else ``None``.
+    The soundfont is ``soundfont`` if given, else the first ``.sf2``/``.sf3`` (sorted by
+    name, so the choice is stable) under :data:`SOUNDFONT_DIRS`."""
+    binary = shutil.which("fluidsynth")
+    if binary is None:
+        return None
+    if soundfont:
+        return (binary, soundfont) if os.path.isfile(soundfont) else None
+    for d in SOUNDFONT_DIRS:
+        if os.path.isdir(d):
+            found = sorted(p for p in Path(d).rglob("*") if p.suffix.lower() in (".sf2", ".sf3"))
+            if found:
+                return binary, str(found[0])
+    return None
+
+
+def render_fluidsynth(notes: Sequence[Note], timbre: str, *, sample_rate: int = SAMPLE_RATE,
+                      soundfont: Optional[str] = None, max_seconds: Optional[float] = None,
+                      peak: float = 0.9, timeout: float = 300.0) -> np.ndarray:
+    """Render ``notes`` with fluidsynth using the GM program of ``timbre``; ``float32 [n]``."""
+    import soundfile as sf
+
+    found = find_fluidsynth(soundfont)
+    if found is None:
+        raise RenderError("renderer 'fluidsynth' needs the fluidsynth binary on PATH and a .sf2/.sf3 "
+                          f"soundfont (given, or under {', '.join(SOUNDFONT_DIRS)})")
+    binary, sf_path = found
+    if timbre not in TIMBRES:
+        raise RenderError(f"unknown timbre {timbre!r}; choose from {sorted(TIMBRES)}")
+    with tempfile.TemporaryDirectory(prefix="mert-fluidsynth-") as tmp:
+        mid, wav = os.path.join(tmp, "in.mid"), os.path.join(tmp, "out.wav")
+        with open(mid, "wb") as f:
+            f.write(notes_to_midi(notes, TIMBRES[timbre].gm_program))
+        cmd = [binary, "-ni", "-q", "-r", str(sample_rate), "-g", "0.8", "-T", "wav", "-F", wav, sf_path, mid]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RenderError(f"fluidsynth took more than {timeout:.0f} s") from None
+        if proc.returncode != 0 or not os.path.isfile(wav):
+            msg = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise RenderError(f"fluidsynth failed (exit {proc.returncode}): {msg[-1] if msg else 'no output'}")
+        audio, sr = sf.read(wav, dtype="float64", always_2d=True)
+    audio = audio.mean(axis=1)
+    if sr != sample_rate:
+        import soxr
+
+        audio = soxr.resample(audio, sr, sample_rate)
+    return finish(audio, sample_rate, max_seconds, peak)

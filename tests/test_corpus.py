@@ -1,0 +1,324 @@
+"""Tests of the embedded corpus: rendering, labels, splits, caching, CLI, user folders.
+
+The label checks are independent of the code under test: pitch labels are compared
+with an f0 estimated from the audio (YIN), key labels with music21's own
+transposition, note timing with a hand-built score.
+"""
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from mert_plugin.corpus import build_corpus, read_task_csv
+from mert_plugin.corpus.cli import main as corpus_main
+from mert_plugin.corpus.render import TIMBRES, Note, find_fluidsynth, midi_to_hz, notes_to_midi, render_synth
+from mert_plugin.corpus.scores import KEY_CLASSES, key_of, score_to_notes, transpose_key
+from mert_plugin.corpus.tables import CorpusError, assign_splits
+from mert_plugin.corpus.userdata import import_folder
+
+torch.set_num_threads(1)
+SR = 24000
+
+
+def yin_f0(x: np.ndarray, sr: int, fmin: float = 50.0, fmax: float = 3000.0, threshold: float = 0.1) -> float:
+    """Plain YIN (de Cheveigné & Kawahara 2002) over one analysis window, with parabolic
+    interpolation; written here so the test does not reuse the synthesiser's own maths."""
+    x = x.astype(np.float64) - x.mean()
+    w = len(x) // 2
+    taus = np.arange(1, int(sr / fmin) + 2)
+    d = np.array([np.sum((x[:w] - x[t:t + w]) ** 2) for t in taus])
+    cmnd = d * taus / np.maximum(np.cumsum(d), 1e-12)
+    lo = int(sr / fmax)
+    below = np.flatnonzero(cmnd[lo:] < threshold)
+    i = lo + (below[0] if len(below) else int(np.argmin(cmnd[lo:])))
+    while i + 1 < len(cmnd) and cmnd[i + 1] < cmnd[i]:
+        i += 1
+    a, b, c = cmnd[i - 1], cmnd[i], cmnd[i + 1]
+    shift = 0.5 * (a - c) / (a - 2 * b + c) if (a - 2 * b + c) != 0 else 0.0
+    return sr / (taus[i] + shift)
+
+
+def cents(f: float, midi: int) -> float:
+    return 1200 * np.log2(f / (440.0 * 2 ** ((midi - 69) / 12)))
+
+
+def tree_digest(root: Path) -> dict:
+    """sha256 of every file under root except the cache, keyed by relative path."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and ".cache" not in p.parts}
+
+
+SMALL = dict(num_pieces=3, composers=("bach", "mozart"), versions_per_piece=2, max_piece_seconds=6.0,
+             clip_seconds=2.0, note_variants=3, pitch_range=(57, 60), note_seconds=0.5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    manifest = build_corpus(out, seed=0, **SMALL)
+    return out, manifest
+
+
+# --------------------------------------------------------------------------- rendering
+
+@pytest.mark.parametrize("timbre", sorted(TIMBRES))
+def test_render_is_deterministic_per_seed(timbre):
+    notes = [Note(0.0, 0.3, 60, 90), Note(0.2, 0.3, 64, 70), Note(0.4, 0.2, 67, 100)]
+    a = render_synth(notes, timbre, np.random.default_rng(1))
+    b = render_synth(notes, timbre, np.random.default_rng(1))
+    c = render_synth(notes, timbre, np.random.default_rng(2))
+    assert a.dtype == np.float32 and a.ndim == 1 and np.all(np.isfinite(a))
+    assert np.array_equal(a, b)
+    assert a.shape != c.shape or not np.array_equal(a, c)
+    assert 0.5 < np.max(np.abs(a)) <= 1.0  # peak-normalised, not clipped
+
+
+@pytest.mark.parametrize("timbre", sorted(TIMBRES))
+@pytest.mark.parametrize("midi", [40, 57, 69, 81, 88, 95])
+def test_rendered_note_has_the_pitch_of_its_midi_number(timbre, midi):
+    y = render_synth([Note(0.0, 0.6, midi, 100)], timbre, np.random.default_rng(midi), reverb=False)
+    f0 = yin_f0(y[int(0.06 * SR):int(0.06 * SR) + 3000], SR)  # early: high plucks decay fast
+    assert abs(cents(f0, midi)) < 25, f"{timbre} {midi}: f0 {f0:.1f} Hz"
+
+
+def test_notes_start_and_stop_where_the_events_say():
+    y = render_synth([Note(0.5, 0.4, 69, 100)], "organ", np.random.default_rng(0), reverb=False)
+    env = np.abs(y)
+    assert env[: int(0.49 * SR)].max() == 0.0                 # silent before the onset
+    assert env[int(0.55 * SR):int(0.85 * SR)].max() > 0.3      # sounding while held
+    assert len(y) < int(1.1 * SR)                              # short release tail only
+
+
+def test_midi_writer_round_trips_through_music21():
+    from music21 import midi
+
+    notes = [Note(0.0, 0.5, 60, 80), Note(0.5, 0.25, 64, 100), Note(1.0, 1.0, 67, 60)]
+    mf = midi.MidiFile()
+    mf.readstr(notes_to_midi(notes, program=19))
+    s = midi.translate.midiFileToStream(mf)
+    got = sorted((float(n.offset), float(n.quarterLength), n.pitch.midi) for n in s.flatten().notes)
+    # 120 bpm: one quarter = 0.5 s
+    assert got == [(0.0, 1.0, 60), (1.0, 0.5, 64), (2.0, 2.0, 67)]
+
+
+@pytest.mark.skipif(find_fluidsynth() is None, reason="fluidsynth binary or GM soundfont not installed")
+def test_fluidsynth_renderer_gives_audio_at_the_corpus_rate():
+    from mert_plugin.corpus.render import render_fluidsynth
+
+    y = render_fluidsynth([Note(0.0, 0.5, 69, 100)], "organ", max_seconds=1.0)
+    assert y.dtype == np.float32 and 0 < len(y) <= SR and np.max(np.abs(y)) > 0.1
+
+
+# --------------------------------------------------------------------------- scores and keys
+
+def _stream(names, ql=1.0):
+    from music21 import note, stream
+
+    s = stream.Stream()
+    for n in names:
+        s.append(note.Note(n, quarterLength=ql))
+    return s
+
+
+def test_c_major_scale_is_labelled_c_major():
+    scale = _stream(["C4", "D4", "E4", "F4", "G4", "A4", "B4", "C5"])
+    assert key_of(scale)[0] == "C major"
+    # and the rendered scale really is those pitches
+    notes = score_to_notes(scale)
+    y = render_synth(notes, "reed", np.random.default_rng(0), reverb=False)
+    for n, midi in zip(notes, [60, 62, 64, 65, 67, 69, 71, 72]):
+        seg = y[int((n.onset + 0.2) * SR):int((n.onset + 0.2) * SR) + 2400]
+        assert abs(cents(yin_f0(seg, SR), midi)) < 25
+
+
+def test_minor_scale_and_transposed_keys():
+    assert key_of(_stream(["A3", "B3", "C4", "D4", "E4", "F4", "G#4", "A4"]))[0] == "A minor"
+    scale = _stream(["C4", "D4", "E4", "F4", "G4", "A4", "B4", "C5"])
+    for k in (-5, 2, 7):  # music21 transposes the notes; transpose_key only the label
+        assert key_of(scale.transpose(k))[0] == transpose_key("C major", k)
+    assert len(set(KEY_CLASSES)) == 24 and transpose_key("B minor", 1) == "C minor"
+
+
+def test_score_timing_uses_tempo_ties_and_dynamics():
+    from music21 import dynamics, note, stream, tempo, tie
+
+    s = stream.Stream()
+    s.insert(0, tempo.MetronomeMark(number=60))
+    s.insert(0, dynamics.Dynamic("ff"))
+    a, b = note.Note("C4", quarterLength=1), note.Note("C4", quarterLength=1)
+    a.tie, b.tie = tie.Tie("start"), tie.Tie("stop")
+    for n in (a, b, note.Note("E4", quarterLength=0.5)):
+        s.append(n)
+    notes = score_to_notes(s)
+    assert [(n.onset, n.duration, n.pitch) for n in notes] == [(0.0, 2.0, 60), (2.0, 0.5, 64)]
+    assert notes[0].velocity > 100  # ff
+    # no metronome mark: the default tempo (100 bpm) applies
+    assert score_to_notes(_stream(["C4", "D4"]))[1].onset == pytest.approx(0.6)
+
+
+# --------------------------------------------------------------------------- the built corpus
+
+def test_corpus_layout_and_manifest(small_corpus):
+    out, m = small_corpus
+    assert m["sample_rate"] == SR and set(m["tasks"]) == {"key", "composer", "instrument", "pitch"}
+    assert json.loads((out / "corpus.json").read_text()) == m
+    for task, spec in m["tasks"].items():
+        table = read_task_csv(out / spec["csv"])
+        assert len(table) == sum(spec["num_clips"].values()) > 0
+        assert set(table.classes) <= set(spec["classes"])
+        for rel in table.paths[:5]:
+            audio, sr = sf.read(out / rel)
+            assert sr == SR and audio.ndim == 1
+            expected = SMALL["note_seconds"] if task == "pitch" else SMALL["clip_seconds"]
+            assert len(audio) == int(expected * SR)
+    assert m["tasks"]["key"]["classes"] == list(KEY_CLASSES)
+
+
+def test_splits_never_share_a_piece(small_corpus):
+    out, m = small_corpus
+    for spec in m["tasks"].values():
+        with open(out / spec["csv"]) as f:
+            rows = list(csv.DictReader(f))
+        split_of = {}
+        for r in rows:
+            assert split_of.setdefault(r["piece"], r["split"]) == r["split"]
+    notes = read_task_csv(out / "pitch.csv")
+    # every preset is heard in exactly one split, and all three splits get presets
+    assert set(notes.splits) == {"train", "valid", "test"}
+
+
+def test_pitch_clips_sound_at_their_label(small_corpus):
+    out, _ = small_corpus
+    table = read_task_csv(out / "pitch.csv")
+    for rel, (label,) in zip(table.paths, table.labels):
+        y, _ = sf.read(out / rel)
+        assert abs(cents(yin_f0(y[int(0.1 * SR):int(0.1 * SR) + 3000], SR), int(label))) < 30, rel
+
+
+def test_key_labels_follow_music21_transposition(small_corpus):
+    from music21 import converter, stream
+
+    from mert_plugin.corpus.scores import corpus_root
+
+    out, m = small_corpus
+    table = read_task_csv(out / "key.csv")
+    checked = set()
+    for piece, (label,), shift in zip(table.pieces, table.labels, table.extra["transpose"]):
+        if (piece, shift) in checked:
+            continue
+        checked.add((piece, shift))
+        s = converter.parse(str(corpus_root() / piece))
+        s = s.scores[0] if isinstance(s, stream.Opus) else s
+        assert key_of(s.transpose(int(shift)))[0] == label
+    assert len(checked) >= 2
+
+
+def test_build_is_byte_identical_for_a_seed_and_differs_across_seeds(small_corpus, tmp_path):
+    out, _ = small_corpus
+    again = build_corpus(tmp_path / "again", seed=0, **SMALL)
+    assert tree_digest(out) == tree_digest(tmp_path / "again")
+    other = build_corpus(tmp_path / "other", seed=1, **{**SMALL, "tasks": ("pitch",)})
+    a = sf.read(out / "audio/notes/organ/v0/p057.wav")[0]
+    b = sf.read(tmp_path / "other/audio/notes/organ/v0/p057.wav")[0]
+    assert not np.array_equal(a, b)
+    assert other["seed"] == 1 and again["seed"] == 0
+
+
+def test_rebuild_skips_finished_units(small_corpus, tmp_path):
+    out, _ = small_corpus
+    wav = sorted((out / "audio/notes").rglob("*.wav"))[0]
+    before = wav.stat().st_mtime_ns
+    build_corpus(out, seed=0, **SMALL)
+    assert wav.stat().st_mtime_ns == before  # not rewritten
+    wav.unlink()  # a missing clip makes its unit render again
+    build_corpus(out, seed=0, **SMALL)
+    assert wav.is_file()
+
+
+# --------------------------------------------------------------------------- splits and tables
+
+def test_assign_splits_is_order_independent_and_stratified():
+    groups = [f"g{i}" for i in range(40)]
+    strata = {g: "a" if i < 20 else "b" for i, g in enumerate(groups)}
+    s1 = assign_splits(groups, seed=3, strata=strata)
+    s2 = assign_splits(list(reversed(groups)), seed=3, strata=strata)
+    assert s1 == s2
+    for stratum in "ab":
+        counts = [sum(1 for g in groups if strata[g] == stratum and s1[g] == s) for s in ("train", "valid", "test")]
+        assert counts == [14, 3, 3]
+    assert assign_splits(groups, seed=4, strata=strata) != s1
+    assert assign_splits(["x"], seed=0) == {"x": "train"}
+
+
+def test_task_csv_errors_are_corpus_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\na.wav,x\n")
+    with pytest.raises(CorpusError, match="missing column"):
+        read_task_csv(bad)
+    leak = tmp_path / "leak.csv"
+    leak.write_text("path,label,split,piece\na.wav,x,train,p\nb.wav,x,test,p\n")
+    with pytest.raises(CorpusError, match="both"):
+        read_task_csv(leak)
+
+
+def test_import_folder_resamples_cuts_and_splits_by_file(tmp_path):
+    src = tmp_path / "music"
+    rows = ["path,label"]
+    for i in range(6):
+        t = np.arange(int(2.5 * 44100)) / 44100
+        stereo = np.stack([np.sin(2 * np.pi * (220 + 40 * i) * t)] * 2, axis=1) * 0.3
+        (src / "sub").mkdir(parents=True, exist_ok=True)
+        sf.write(src / f"sub/song{i}.flac", stereo, 44100)
+        rows.append(f"sub/song{i}.flac,{'rock;loud' if i % 2 else 'jazz'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    m = import_folder(src, tmp_path / "labels.csv", tmp_path / "out", task="genre", clip_seconds=1.0,
+                      progress=False)
+    table = read_task_csv(tmp_path / "out/genre.csv")
+    assert m["tasks"]["genre"]["type"] == "multilabel" and table.multilabel
+    assert len(table) == 12  # 2 full clips per 2.5 s file
+    y, sr = sf.read(tmp_path / "out" / table.paths[0])
+    assert sr == SR and y.ndim == 1 and len(y) == SR
+    by_piece = {}
+    for p, s in zip(table.pieces, table.splits):
+        assert by_piece.setdefault(p, s) == s
+
+
+def test_import_folder_names_missing_files(tmp_path):
+    (tmp_path / "music").mkdir()
+    (tmp_path / "labels.csv").write_text("path,label\nnope.wav,x\n")
+    with pytest.raises(CorpusError, match="missing"):
+        import_folder(tmp_path / "music", tmp_path / "labels.csv", tmp_path / "out", progress=False)
+
+
+# --------------------------------------------------------------------------- CLI
+
+@pytest.mark.parametrize("args, message", [
+    (["build", "--composers", "nobody"], "no scores for composer"),
+    (["build", "--clip-seconds", "60"], "max_piece_seconds"),
+    (["build", "--pitch-min", "90", "--pitch-max", "80", "--tasks", "pitch"], "pitch_range"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, capsys, args, message):
+    rc = corpus_main(args[:1] + ["--out", str(tmp_path / "o"), "--quiet"] + args[1:])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and message in err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_cli_fluidsynth_without_install_is_a_clear_error(tmp_path, capsys):
+    if find_fluidsynth() is not None:
+        pytest.skip("fluidsynth is installed here")
+    rc = corpus_main(["build", "--out", str(tmp_path / "o"), "--renderer", "fluidsynth", "--quiet"])
+    assert rc == 2 and "fluidsynth" in capsys.readouterr().err
+
+
+def test_cli_builds_a_pitch_only_corpus(tmp_path, capsys):
+    rc = corpus_main(["build", "--out", str(tmp_path / "o"), "--tasks", "pitch", "--timbres", "flute", "pluck",
+                      "--note-variants", "3", "--pitch-min", "60", "--pitch-max", "61", "--note-seconds", "0.3",
+                      "--quiet"])
+    assert rc == 0 and "pitch" in capsys.readouterr().out
+    assert len(read_task_csv(tmp_path / "o/pitch.csv")) == 2 * 3 * 2
