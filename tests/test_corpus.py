@@ -16,7 +16,7 @@ import torch
 
 from mert_plugin.corpus import build_corpus, read_task_csv
 from mert_plugin.corpus.cli import main as corpus_main
-from mert_plugin.corpus.render import TIMBRES, Note, find_fluidsynth, midi_to_hz, notes_to_midi, render_synth
+from mert_plugin.corpus.render import TIMBRES, Note, find_fluidsynth, notes_to_midi, render_synth
 from mert_plugin.corpus.scores import KEY_CLASSES, key_of, score_to_notes, transpose_key
 from mert_plugin.corpus.tables import CorpusError, assign_splits
 from mert_plugin.corpus.userdata import import_folder
