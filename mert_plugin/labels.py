@@ -192,7 +192,7 @@ def _resolve_inputs(inputs) -> List[Tuple[str, Optional[str], Optional[str]]]:
 
 def generate_labels(inputs: Union[Sequence[str], Sequence[Tuple[str, str]]], out_dir: str,
                     generator: LabelGenerator, shard: Tuple[int, int] = (0, 1), write_cqt: bool = True,
-                    progress: bool = True) -> Summary:
+                    progress: bool = True, max_seconds: Optional[float] = None) -> Summary:
     """Label every file of this shard; see the module docstring for the guarantees.
 
     Args:
@@ -202,6 +202,8 @@ def generate_labels(inputs: Union[Sequence[str], Sequence[Tuple[str, str]]], out
         shard: (i, n): this call handles files i, i+n, i+2n, ...
         write_cqt: also write CQT targets (needs a generator with the CQT teacher).
         progress: show a tqdm progress bar.
+        max_seconds: fail (by name) files longer than this instead of labelling them; EnCodec
+            encodes whole files and needs about 12 MB of memory per second of audio.
     Returns:
         :class:`Summary` for this shard.
     """
@@ -244,7 +246,7 @@ def generate_labels(inputs: Union[Sequence[str], Sequence[Tuple[str, str]]], out
                 summary.skipped += 1
                 continue
             try:
-                _label_one(path, generator, device, missing, codes_path, cqt_path)
+                _label_one(path, generator, device, missing, codes_path, cqt_path, max_seconds)
                 summary.done += 1
                 continue
             except MERTError as exc:
@@ -261,8 +263,11 @@ def generate_labels(inputs: Union[Sequence[str], Sequence[Tuple[str, str]]], out
 
 
 def _label_one(path: str, generator: LabelGenerator, device, missing: List[str], codes_path: str,
-               cqt_path: str) -> None:
+               cqt_path: str, max_seconds: Optional[float]) -> None:
     wav = load_audio(path, generator.sample_rate)
+    seconds = wav.numel() / generator.sample_rate
+    if max_seconds is not None and seconds > max_seconds:
+        raise MERTError(f"{path}: {seconds:.1f} s is longer than the {max_seconds:g} s limit (--max-seconds)")
     codes, cqt = generator(wav.to(device)[None])
     os.makedirs(os.path.dirname(codes_path) or ".", exist_ok=True)
     # CQT first: the codes file doubles as the "finished" mark in file listings.
@@ -314,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-clusters", type=int, default=500, help="clusters of the mfcc-kmeans teacher")
     p.add_argument("--seed", type=int, default=0, help="seed of the fitted teacher")
     p.add_argument("--no-cqt", action="store_true", help="write codes only")
+    p.add_argument("--max-seconds", type=float, help="report files longer than this as failed instead of "
+                                                     "labelling them (EnCodec needs ~12 MB per second of audio)")
     p.add_argument("--shard", help="i/n: handle every n-th file starting at i (default: RANK/WORLD_SIZE, else 0/1)")
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK when CUDA is available, else cpu)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -351,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
     # Under torchrun only rank 0 draws a bar; explicit --shard runs each draw their own.
     progress = not args.quiet and (bool(args.shard) or shard[0] == 0)
     summary = generate_labels(args.inputs, args.output, generator, shard=shard, write_cqt=not args.no_cqt,
-                              progress=progress)
+                              progress=progress, max_seconds=args.max_seconds)
     prefix = f"shard {shard[0]}/{shard[1]}: " if shard[1] > 1 else ""
     print(f"{prefix}{summary}", file=sys.stderr)
     return 0 if summary.ok else 1

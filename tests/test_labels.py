@@ -110,6 +110,10 @@ def test_bad_inputs_are_reported_by_name_and_the_batch_goes_on(fitted_generator,
         assert reason.startswith(path)
     written = {os.path.basename(k).split(".")[0] for k in outputs(out)}
     assert written == {"clip00", "clip01", "silence", "six_channels", "rate_7350"}
+    # Too long for the memory budget: reported, not attempted.
+    summary = generate_labels([str(audio / "clip00.wav")], str(tmp_path / "capped"), fitted_generator,
+                              progress=False, max_seconds=0.5)
+    assert "longer than the 0.5 s limit" in summary.failed[0][1] and not outputs(str(tmp_path / "capped"))
     # A folder named like audio, given explicitly, is reported too.
     summary = generate_labels([str(audio / "folder.wav")], out, fitted_generator, progress=False)
     assert summary.failed == [(str(audio / "folder.wav"), f"{audio / 'folder.wav'}: folder holds no audio files")]
