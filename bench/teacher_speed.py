@@ -1,0 +1,82 @@
+"""Teacher labelling speed: EnCodec codes + CQT, in seconds of audio per wall second.
+
+Measures, in one process on the same clip and thread count:
+
+* EnCodec 24 kHz codes at 6 kbps (encoder + 8-stage RVQ). A random-init
+  encoder with fitted codebooks costs exactly what the official one does (same
+  graph, same shapes), so no download is needed;
+* the reference CQT target two ways, alternating so that load on a shared
+  machine hits both alike: nnAudio's ``CQT1992v2`` forward (the reference) and
+  ``mert_plugin.teachers.CQTTeacher`` (same kernels, zero taps skipped), with
+  their max relative difference;
+* the whole ``LabelGenerator`` (codes + CQT, as ``mert-labels`` runs it).
+
+    .venv/bin/python bench/teacher_speed.py [--seconds 10] [--threads 2] [--repeats 5] [--device cpu|cuda]
+"""
+import argparse
+import logging
+import platform
+import statistics
+import time
+
+import torch
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.ERROR)  # the fitted teacher's warnings are expected here
+
+    from mert_plugin.teachers import LabelGenerator
+
+    gen = LabelGenerator.from_spec("fitted", use_cqt=True)
+    gen.fit([torch.randn(1, 5 * 24000) * 0.1], iters=2)  # codebook values do not change the cost
+    gen.to(args.device)
+    reference_cqt = gen.cqt.reference_module().to(args.device)
+    wav = torch.randn(args.batch, int(args.seconds * 24000), device=args.device) * 0.1
+    audio_seconds = args.batch * args.seconds
+
+    def sync():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    runs = {
+        "encodec codes": lambda: gen.acoustic(wav),
+        "cqt nnAudio (reference)": lambda: reference_cqt(wav),
+        "cqt mert_plugin": lambda: gen.cqt(wav),
+        "labels: codes + cqt": lambda: gen(wav),
+    }
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        ours, ref = gen.cqt(wav), reference_cqt(wav).transpose(1, 2)  # warm-up and parity
+        rel = float((ours - ref).abs().max() / ref.abs().max())
+        for fn in runs.values():
+            fn()
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} threads, device {args.device}")
+    print(f"# clip {args.batch} x {args.seconds:g} s, median of {args.repeats}; "
+          f"CQT max rel diff vs nnAudio {rel:.1e}")
+    print(f"{'step':<26}{'median s':>10}{'x real time':>13}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<26}{med:>10.3f}{audio_seconds / med:>13.1f}")
+    speedup = statistics.median(times["cqt nnAudio (reference)"]) / statistics.median(times["cqt mert_plugin"])
+    print(f"CQT speed-up over nnAudio's forward: {speedup:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
