@@ -66,6 +66,8 @@ def _as_batch(wav: Tensor, name: str = "wav") -> Tensor:
         wav = wav.unsqueeze(0)
     if wav.dim() != 2 or not wav.is_floating_point():
         raise MERTError(f"{name} must be a float tensor [B, N] (mono), got {wav.dtype} {list(wav.shape)}")
+    if not bool(torch.isfinite(wav).all()):
+        raise MERTError(f"{name} contains NaN or infinite samples")
     return wav
 
 

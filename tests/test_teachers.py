@@ -92,6 +92,14 @@ def test_very_short_clips_give_one_label_per_student_frame(fitted_generator):
         fitted_generator(torch.zeros(1, 399))
 
 
+def test_bad_arrays_get_clear_errors(fitted_generator):
+    for bad, reason in [(torch.zeros(2, 1, 24000), r"\[B, N\]"), (torch.zeros(1, 24000, dtype=torch.int16), "float"),
+                        (np.zeros(24000, np.float32), "torch.Tensor"),
+                        (torch.full((1, 24000), float("nan")), "NaN")]:
+        with pytest.raises(MERTError, match=reason):
+            fitted_generator(bad)
+
+
 def test_codes_onset_lands_in_the_right_frame(fitted_generator):
     start = 320 * 100 + 17
     silence = torch.zeros(1, 48000)
