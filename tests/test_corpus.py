@@ -301,6 +301,7 @@ def test_import_folder_names_missing_files(tmp_path):
     (["build", "--composers", "nobody"], "no scores for composer"),
     (["build", "--clip-seconds", "60"], "max_piece_seconds"),
     (["build", "--pitch-min", "90", "--pitch-max", "80", "--tasks", "pitch"], "pitch_range"),
+    (["build", "--pitch-min", "60", "--pitch-max", "120", "--tasks", "pitch"], "piano range"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path, capsys, args, message):
     rc = corpus_main(args[:1] + ["--out", str(tmp_path / "o"), "--quiet"] + args[1:])

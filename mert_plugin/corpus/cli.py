@@ -5,7 +5,7 @@
     mert-corpus import --audio DIR --labels labels.csv --out DIR [--task NAME] [--clip-seconds 5]
     mert-corpus renderers          # which renderers this machine offers
 
-User errors print one ``error: ...`` line and exit with status 2.
+User errors print one ``error: ...`` line and exit with status 2 (1 for file-system errors).
 """
 from __future__ import annotations
 
@@ -108,6 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MERTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable output folder, full disk, ...: not a bug in this code
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -30,7 +30,7 @@ from ..errors import MERTError
 
 SAMPLE_RATE = 24000
 # Bumped whenever the synthesis changes, so cached renders are not reused.
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2
 SOUNDFONT_DIRS = ("/usr/share/sounds/sf2", "/usr/share/soundfonts", "/usr/share/sounds/sf3")
 
 
@@ -99,26 +99,32 @@ def _additive(phase: np.ndarray, f0: float, ratios: np.ndarray, amps: np.ndarray
 
 def karplus_strong(f0: float, n: int, sr: int, rng: np.random.Generator, t60: float,
                    brightness: float) -> np.ndarray:
-    """Plucked string ``[n]``: a noise burst circulating in a delay loop with a two-point
-    average (the string loss) and a first-order all-pass for the fractional part of the
-    period (without it, high notes would be up to ~40 cents out of tune). The whole loop is
-    one IIR filter, so scipy's ``lfilter`` runs it in C instead of a Python sample loop."""
+    """Plucked string ``[n]``: a noise burst circulating in a delay loop with a loss filter
+    ``(1-S) + S z^-1`` (S = 0.5 is the classic two-point average) and a first-order
+    all-pass that supplies the fractional part of the period. The whole loop is one IIR
+    filter, so scipy's ``lfilter`` runs it in C instead of a Python sample loop.
+
+    Tuning is exact at f0: the loss filter's phase delay there is computed, and the
+    all-pass coefficient is solved for the rest. Above 1 kHz, S shrinks like 1/f0:
+    with S = 0.5 a note near 4 kHz would lose 1 dB per period and die within ~20 ms."""
     period = sr / f0
-    # Loop delay = N (delay line) + 0.5 (averager) + d (all-pass); keep d in [0.1, 1.1)
-    # where the all-pass delay is accurate.
-    n_int = int(math.floor(period - 0.5 - 0.1))
-    d = period - 0.5 - n_int
     w = 2.0 * math.pi * f0 / sr
-    # All-pass coefficient whose phase delay is exactly d samples at f0 (the textbook
-    # (1-d)/(1+d) is its low-frequency limit and drifts sharp by ~1 semitone near 2.6 kHz).
+    s = 0.5 * min(1.0, 1000.0 / f0)
+    loss_delay = math.atan2(s * math.sin(w), 1.0 - s + s * math.cos(w)) / w  # phase delay at f0 (samples)
+    # Loop delay = N (delay line) + loss_delay + d (all-pass); keep d in [0.1, 1.1), where
+    # a first-order all-pass stays well behaved.
+    n_int = int(math.floor(period - loss_delay - 0.1))
+    d = period - loss_delay - n_int
+    # All-pass (c + z^-1) / (1 + c z^-1) with phase delay exactly d at f0 (the textbook
+    # (1-d)/(1+d) is its low-frequency limit and drifts sharp at high notes).
     c = math.sin(0.5 * w * (1.0 - d)) / math.sin(0.5 * w * (1.0 + d))
     g = 0.001 ** (1.0 / (f0 * t60))  # loop gain: -60 dB after t60 seconds
-    # y = x + g/2 (1 + z^-1) A(z) z^-N y, with A(z) = (c + z^-1) / (1 + c z^-1).
+    # y = x + g ((1-s) + s z^-1) A(z) z^-N y; multiplied out by (1 + c z^-1):
     a = np.zeros(n_int + 3)
     a[0], a[1] = 1.0, c
-    a[n_int] -= 0.5 * g * c
-    a[n_int + 1] -= 0.5 * g * (1.0 + c)
-    a[n_int + 2] -= 0.5 * g
+    a[n_int] -= g * (1.0 - s) * c
+    a[n_int + 1] -= g * ((1.0 - s) + s * c)
+    a[n_int + 2] -= g * s
     excitation = np.zeros(n)
     burst = rng.uniform(-1.0, 1.0, size=min(n, n_int + 1))
     # Softer plucks have fewer high harmonics: low-pass the burst.

@@ -6,7 +6,7 @@
     mert-probe --csv mytask=labels.csv --audio-root AUDIO --features mert=DIR --out OUT
 
 Writes OUT/report.json, OUT/report.md and OUT/plots/*.png. User errors print one
-``error: ...`` line and exit with status 2.
+``error: ...`` line and exit with status 2 (1 for file-system errors).
 """
 from __future__ import annotations
 
@@ -94,6 +94,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except MERTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unwritable output folder, full disk, ...: not a bug in this code
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
