@@ -191,6 +191,9 @@ def train_probes(x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, 
     for name, x in (("train", x_train), ("valid", x_valid), ("test", x_test)):
         if len(x) == 0:
             raise ProbeError(f"the {name} split is empty (need train, valid and test clips)")
+    if multilabel and not np.any((y_valid.sum(0) > 0) & (y_valid.sum(0) < len(y_valid))):
+        raise ProbeError("no tag has both positive and negative clips in the valid split: "
+                         "ROC-AUC, the early-stopping metric, is undefined")
     if config.standardize:
         x_train, x_valid, x_test = _standardize(x_train, x_valid, x_test)
     g = torch.Generator().manual_seed(int(seed))
