@@ -240,6 +240,23 @@ def test_rebuild_skips_finished_units(small_corpus, tmp_path):
     assert wav.is_file()
 
 
+def test_valid_and_test_keys_all_occur_in_training():
+    from mert_plugin.corpus.build import plan_tonics
+    from mert_plugin.corpus.scores import PieceInfo, key_name
+
+    pieces = [PieceInfo(f"p{i}", "c", [], "D major" if i % 4 else "E minor", 0.9, 30.0) for i in range(16)]
+    splits = {p.piece: ("train", "train", "valid", "test")[i % 4 if i < 12 else 0] for i, p in enumerate(pieces)}
+    plan = plan_tonics(pieces, splits, {p.piece: True for p in pieces}, versions=2, seed=0)
+    keys = {s: set() for s in ("train", "valid", "test")}
+    for p in pieces:
+        for v in range(2):
+            keys[splits[p.piece]].add(key_name(plan[p.piece, v], p.key.split()[1]))
+    assert keys["valid"] <= keys["train"] and keys["test"] <= keys["train"]
+    train_tonics = [plan[p.piece, v] for p in pieces if splits[p.piece] == "train" and p.key == "D major"
+                    for v in range(2)]
+    assert len(set(train_tonics)) == min(12, len(train_tonics))  # balanced: no tonic twice before all once
+
+
 # --------------------------------------------------------------------------- splits and tables
 
 def test_assign_splits_is_order_independent_and_stratified():

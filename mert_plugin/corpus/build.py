@@ -180,6 +180,34 @@ def _balanced(items: Sequence, n: int, rng: np.random.Generator) -> list:
     return out[:n]
 
 
+def plan_tonics(pieces: Sequence[PieceInfo], splits: Dict[str, str], in_key_task: Dict[str, bool],
+                versions: int, seed: int) -> Dict[Tuple[str, int], int]:
+    """Target tonic (pitch class) of every version ``(piece, v)``.
+
+    Key-task versions of one mode in the train split get the 12 tonics in balanced
+    order; valid/test versions of that mode draw only from the tonics train has for
+    it, so that no valid/test key label is missing from training (as long as train has
+    a piece in that mode). Other pieces get balanced tonics of their own.
+    """
+    plan: Dict[Tuple[str, int], int] = {}
+
+    def deal(units, pool, *what):
+        for unit, tonic in zip(units, _balanced(pool, len(units), rng_for(seed, "tonics", *what))):
+            plan[unit] = tonic
+
+    deal([(p.piece, v) for p in pieces if not in_key_task[p.piece] for v in range(versions)],
+         list(range(12)), "other")
+    for mode in ("major", "minor"):
+        group = [p for p in pieces if in_key_task[p.piece] and p.key.endswith(mode)]
+        units = {s: [(p.piece, v) for p in group if splits[p.piece] == s for v in range(versions)]
+                 for s in ("train", "valid", "test")}
+        deal(units["train"], list(range(12)), mode, "train")
+        seen = sorted({plan[u] for u in units["train"]}) or list(range(12))
+        for split in ("valid", "test"):
+            deal(units[split], seen, mode, split)
+    return plan
+
+
 def _slug(piece: str) -> str:
     """``"mozart/k155/movement1.mxl" -> "k155_movement1"`` (file-system safe)."""
     stem = piece.split("/", 1)[-1].rsplit(".", 1)[0]
@@ -235,10 +263,9 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
         splits = assign_splits([p.piece for p in pieces], seed, split_fractions,
                                strata={p.piece: p.composer for p in pieces})
         n_units = len(pieces) * versions_per_piece
-        # Pieces of the key task draw their target tonics from one balanced sequence (so its
-        # 12 tonics are equally common), the other pieces from another.
-        tonic_seqs = {ok: iter(_balanced(list(range(12)), n_units, rng_for(seed, "tonics", ok)))
-                      for ok in (True, False)}
+        in_key_task = {p.piece: "key" in tasks and p.key_correlation >= key_min_correlation
+                       and p.composer not in MODAL_COLLECTIONS for p in pieces}
+        tonics = plan_tonics(pieces, splits, in_key_task, versions_per_piece, seed)
         unit_timbres = _balanced(list(timbres), n_units, rng_for(seed, "timbres"))
         n_clip = int(round(clip_seconds * sr))
         bar = tqdm(total=n_units, desc="render pieces", unit="version", disable=not progress)
@@ -247,11 +274,9 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                      "key": info.key, "key_correlation": round(info.key_correlation, 4),
                      "seconds": round(min(info.duration, max_piece_seconds), 3), "versions": []}
             tonic, _mode = info.key.split(" ")
-            in_key_task = ("key" in tasks and info.key_correlation >= key_min_correlation
-                           and info.composer not in MODAL_COLLECTIONS)
             for v in range(versions_per_piece):
                 u = i * versions_per_piece + v
-                target = next(tonic_seqs[in_key_task])
+                target = tonics[info.piece, v]
                 shift = ((target - PITCH_CLASS_NAMES.index(tonic) + 6) % 12) - 6 if transpose else 0
                 timbre = unit_timbres[u]
                 key = transpose_key(info.key, shift)
@@ -274,7 +299,7 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                     common = {"path": f"{stem}_{j:02d}.wav", "split": splits[info.piece], "piece": info.piece,
                               "composer": info.composer, "timbre": timbre, "transpose": shift,
                               "key": key, "start_s": round(j * clip_seconds, 3)}
-                    if in_key_task:
+                    if in_key_task[info.piece]:
                         rows["key"].append({**common, "label": key,
                                             "key_correlation": round(info.key_correlation, 4)})
                     if "composer" in tasks:
