@@ -1,0 +1,1 @@
+"""MERT pretraining recipe: ``python train.py hparams/mert.yaml`` (see README.md)."""

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Pretrain MERT with SpeechBrain.
+
+    python train.py hparams/mert.yaml --data_folder=/path/to/music
+    torchrun --nproc_per_node=8 train.py hparams/mert.yaml --data_folder=/path/to/music
+    torchrun --nproc_per_node=2 train.py hparams/mert_tiny.yaml --data_folder=DIR \\
+        --distributed_backend=gloo --device=cpu
+
+Everything tunable is in the yaml. Steps: data preparation (prepare_music.py)
+and the teacher step (fit the demo teacher / offline labels) on the main
+process, then ``Brain.fit`` (resumes from the last checkpoint of
+``output_folder`` if there is one), then export of the student to
+``<output_folder>/export`` (HF folder + SpeechBrain inference files).
+"""
+import logging
+import sys
+
+import torch
+from hyperpyyaml import load_hyperpyyaml
+
+import mert_plugin.compat
+
+mert_plugin.compat.ensure_torchaudio_importable()
+import speechbrain as sb  # noqa: E402
+from speechbrain.utils.distributed import run_on_main  # noqa: E402
+
+from mert_plugin.errors import MERTError  # noqa: E402
+from mert_plugin.speechbrain import save_inference_files  # noqa: E402
+from speechbrain_recipes.MERT import label_step  # noqa: E402
+from speechbrain_recipes.MERT.data import dataio_prepare, make_batch_sampler  # noqa: E402
+from speechbrain_recipes.MERT.prepare_music import prepare_music  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class MERTBrain(sb.Brain):
+    """Masked prediction of teacher labels; the objective is ``MERTPretrainer``."""
+
+    label_generator = None  # online teachers (frozen, outside `modules` so DDP ignores them)
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        codes, cqt = batch.codes, batch.cqt
+        if self.label_generator is not None:  # online teachers, on the clean crops
+            with torch.autocast(device_type=self.device_type, enabled=False):  # labels in fp32
+                online_codes, online_cqt = self.label_generator(batch.wav)
+            codes = codes if online_codes is None else online_codes
+            cqt = cqt if online_cqt is None else online_cqt
+        return self.modules.pretrainer(batch.wav, codes=codes, cqt=cqt)
+
+    def compute_objectives(self, out, batch, stage):
+        for name, value in out.terms.items():
+            if name[-1].isdigit():  # per-codebook terms (acoustic_ce_0..7) stay out of the log
+                continue
+            self.term_sums[name] = self.term_sums.get(name, 0.0) + float(value)
+        self.term_batches += 1
+        return out.loss
+
+    def on_fit_start(self):
+        super().on_fit_start()  # wraps DDP, builds the optimizer, recovers the last checkpoint
+        if self.label_generator is not None:
+            self.label_generator.to(self.device)
+        sched = self.hparams.lr_scheduler
+        if sched.current_step == 0:  # first update at the first warm-up value, not at the peak
+            for group in self.optimizer.param_groups:
+                group["lr"] = sched.calculate_lr(1)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        if should_step:
+            self.hparams.lr_scheduler(self.optimizer)
+
+    def on_stage_start(self, stage, epoch=None):
+        self.term_sums, self.term_batches = {}, 0
+        if stage == sb.Stage.TRAIN:
+            self.hparams.train_collate.epoch = epoch
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stats = {"loss": stage_loss, **self._term_means(all_ranks=stage == sb.Stage.TRAIN)}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            if self.hparams.valid_set_size:
+                return
+            stats = None
+        meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "updates": self.optimizer_step}
+        self.hparams.train_logger.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
+        self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "epoch": epoch},
+                                             num_to_keep=self.hparams.checkpoints_to_keep, importance_keys=[])
+        self.checkpointer.delete_checkpoints(  # the epoch is complete: its intra-epoch checkpoints are stale
+            num_to_keep=0, ckpt_predicate=lambda c: sb.core.INTRA_EPOCH_CKPT_FLAG in c.meta)
+
+    def _term_means(self, all_ranks):
+        names = sorted(self.term_sums)
+        totals = torch.tensor([self.term_sums[n] for n in names] + [self.term_batches], dtype=torch.float64)
+        if all_ranks and torch.distributed.is_initialized():  # each rank saw its own share of the data
+            totals = sb.utils.distributed.ddp_all_reduce(totals, torch.distributed.ReduceOp.SUM)
+        return {n: float(v) / max(1.0, float(totals[-1])) for n, v in zip(names, totals[:-1])}
+
+
+def export_student(student, export_folder):
+    student.save_pretrained(export_folder)
+    save_inference_files(student, export_folder)
+    logger.info(f"Exported the student to {export_folder}")
+
+
+def on_main(func, **kwargs):
+    """``run_on_main`` that also stops the other processes when the main one fails
+    (they would otherwise wait at its barrier until the DDP timeout)."""
+    def guarded():
+        try:
+            return "ok", func(**kwargs)
+        except MERTError as exc:
+            return "error", str(exc)
+        except Exception as exc:
+            logger.exception(f"{func.__name__} failed")
+            return "crash", f"{func.__name__} failed on the main process: {type(exc).__name__}: {exc}"
+
+    status, value = run_on_main(guarded)
+    if status == "error":
+        raise MERTError(value)
+    if status == "crash":
+        raise RuntimeError(value)
+    return value
+
+
+def main(argv):
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    sb.utils.distributed.ddp_init_group(run_opts)  # torchrun: RANK/LOCAL_RANK in the environment
+    try:
+        with open(hparams_file, encoding="utf-8") as f:
+            hparams = load_hyperpyyaml(f, overrides)  # run_opts go to the Brain, never into hparams
+        sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
+                                       hyperparams_to_save=hparams_file, overrides=overrides)
+        on_main(prepare_music, data_folder=hparams["data_folder"], save_folder=hparams["manifest_folder"],
+                valid_fraction=hparams["valid_fraction"], min_duration=hparams["min_duration"],
+                check_decode=hparams["check_decode"], skip_prep=hparams["skip_prep"])
+        on_main(label_step.prepare, hparams=hparams, device=run_opts["device"] or sb.utils.distributed.infer_device())
+        datasets = dataio_prepare(hparams)
+        train(hparams, run_opts, datasets)
+        on_main(export_student, student=hparams["student"], export_folder=hparams["export_folder"])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train(hparams, run_opts, datasets):
+    brain = MERTBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                      run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain.label_generator = label_step.online_generator(hparams)
+    loader = {"num_workers": hparams["num_workers"], "generator": torch.Generator().manual_seed(hparams["seed"])}
+    train_sampler = make_batch_sampler(datasets["train"], hparams["crop_max_seconds"], **hparams["dynamic_batching"])
+    # Brain calls set_epoch only on samplers it made itself (or wrapped for DDP): without this the
+    # batch order would depend on how many epochs this process has run, not on the epoch number.
+    brain.train_sampler = train_sampler
+    valid_loader = None
+    if len(datasets["valid"]):  # fixed order: the same masks are drawn every epoch and after a resume
+        valid_sampler = make_batch_sampler(datasets["valid"], hparams["crop_max_seconds"], **{
+            **hparams["dynamic_batching"], "shuffle": False, "batch_ordering": "ascending"})
+        valid_loader = {**loader, "collate_fn": hparams["valid_collate"], "batch_sampler": valid_sampler}
+    brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["valid"] if valid_loader else None,
+              train_loader_kwargs={**loader, "collate_fn": hparams["train_collate"], "batch_sampler": train_sampler},
+              valid_loader_kwargs=valid_loader or {})
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except MERTError as exc:  # bad data or configuration: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,441 @@
+"""The SpeechBrain MERT recipe: data preparation, crops, atomic checkpoints, and the
+tiny recipe run end to end with SpeechBrain's own Brain (single process and
+2-process torchrun/gloo), killed with SIGKILL and resumed.
+
+Audio is synthesised into tmp folders. The end-to-end tests are marked slow
+(about 2 minutes together on 2 cores).
+"""
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(REPO, "speechbrain_recipes", "MERT")
+TRAIN = os.path.join(RECIPE, "train.py")
+TINY = os.path.join(RECIPE, "hparams", "mert_tiny.yaml")
+SR = 24000
+
+
+def _write_corpus(folder, n=24, seconds=(2.0, 3.0), seed=0):
+    """Decaying chords plus noise, in sub-folders, one of them at 44.1 kHz stereo."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "a"), exist_ok=True)
+    os.makedirs(os.path.join(folder, "b"), exist_ok=True)
+    for i in range(n):
+        sr = 44100 if i == 0 else SR
+        t = np.arange(int(rng.uniform(*seconds) * sr)) / sr
+        x = sum(0.2 * np.sin(2 * np.pi * 110 * 2 ** (rng.integers(0, 36) / 12) * t) for _ in range(3))
+        x = x * np.exp(-t * rng.uniform(0.2, 2.0)) + 0.02 * rng.standard_normal(t.size)
+        if i == 0:
+            x = np.stack([x, 0.5 * x], axis=1)
+        sf.write(os.path.join(folder, "ab"[i % 2], f"clip{i:02d}.{'flac' if i % 3 == 0 else 'wav'}"),
+                 x.astype(np.float32), sr)
+
+
+def _write_hostile(folder):
+    open(os.path.join(folder, "empty.wav"), "wb").close()
+    with open(os.path.join(folder, "junk.mp3"), "wb") as f:
+        f.write(np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    bad = np.zeros(SR * 2, dtype=np.float32)
+    bad[10] = np.nan
+    sf.write(os.path.join(folder, "nan.wav"), bad, SR, subtype="FLOAT")
+    sf.write(os.path.join(folder, "short.wav"), np.zeros(200, dtype=np.float32), SR)
+    os.makedirs(os.path.join(folder, "folder.wav"), exist_ok=True)
+    return {"empty.wav": "empty file", "junk.mp3": "cannot decode", "nan.wav": "NaN",
+            "short.wav": "too short"}
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------ data preparation
+def test_prepare_music_split_is_deterministic_and_bad_files_are_listed(tmp_path):
+    from speechbrain_recipes.MERT.prepare_music import main, prepare_music
+
+    data = tmp_path / "data"
+    _write_corpus(str(data), n=12)
+    bad = _write_hostile(str(data))
+    # Same stem, other extension: the labels would clash, so the second in sorted order is refused.
+    sf.write(str(data / "b" / "clip01.flac"), 0.1 * np.ones(SR * 2, dtype=np.float32), SR)
+    paths = prepare_music(str(data), str(tmp_path / "m1"), valid_fraction=0.25, min_duration=1.0, progress=False)
+    train, valid = _read_csv(paths["train"]), _read_csv(paths["valid"])
+    ids = sorted(r["ID"] for r in train + valid)
+    expected = sorted(os.path.relpath(os.path.join(r, f), data).replace(os.sep, "/")
+                      for r, _, fs in os.walk(data) for f in fs if f.startswith("clip"))
+    expected.remove("b/clip01.wav")
+    assert ids == expected and valid and train
+    assert all(r["path"] == f"$data_root/{r['ID']}" for r in train + valid)
+    first = next(r for r in train + valid if r["ID"] == "a/clip00.flac")
+    assert abs(float(first["duration"]) - sf.info(str(data / "a" / "clip00.flac")).duration) < 1e-3
+    with open(paths["skipped"], encoding="utf-8") as f:
+        skipped = dict(line.rstrip("\n").split("\t") for line in f)
+    for name, reason in bad.items():
+        assert reason in skipped[str(data / name)], (name, skipped)
+    assert "another extension" in skipped[str(data / "b" / "clip01.wav")]
+
+    # Deterministic, and adding files never moves existing ones between splits.
+    sf.write(str(data / "a" / "new.wav"), 0.1 * np.ones(SR * 2, dtype=np.float32), SR)
+    again = prepare_music(str(data), str(tmp_path / "m2"), valid_fraction=0.25, min_duration=1.0, progress=False)
+    valid2 = {r["ID"] for r in _read_csv(again["valid"])}
+    assert {r["ID"] for r in valid} <= valid2 | {"a/new.wav"}
+    assert {r["ID"] for r in train} <= {r["ID"] for r in _read_csv(again["train"])}
+    # The command line says that files were skipped (exit 2) and fails cleanly on a bad folder.
+    assert main([str(data), str(tmp_path / "m3"), "--valid_fraction", "0.25"]) == 2
+    assert main([str(tmp_path / "nowhere"), str(tmp_path / "m4")]) == 1
+
+
+# -------------------------------------------------------------------- crops
+def test_crops_are_hop_aligned_and_labels_follow_them(tmp_path):
+    from mert_plugin import MERTConfig, load_audio
+    from mert_plugin.labels import label_paths
+    from speechbrain_recipes.MERT.data import CropCollate
+
+    config = MERTConfig.from_preset("mert-tiny")
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (seconds, sr) in enumerate([(3.0, SR), (2.2, SR), (2.6, 44100)]):
+        path = str(tmp_path / f"f{i}.wav")
+        sf.write(path, (0.1 * rng.standard_normal(int(seconds * sr))).astype(np.float32), sr)
+        frames = config.num_frames(int(round(seconds * SR)))
+        codes_path, cqt_path = label_paths(str(tmp_path / "labels"), f"f{i}.wav")
+        os.makedirs(os.path.dirname(codes_path), exist_ok=True)
+        # Label value = frame index (+ file offset), so the crop position can be read back.
+        np.save(codes_path, np.tile(np.arange(frames, dtype=np.int16) + 100 * i, (8, 1)))
+        np.save(cqt_path, np.repeat(np.arange(frames, dtype=np.float16)[:, None], 336, axis=1))
+        items.append({"id": f"f{i}.wav", "path": path, "duration": seconds})
+
+    collate = CropCollate(config, 1.0, 2.0, label_folder=str(tmp_path / "labels"), seed=7)
+    seen = set()
+    for epoch in range(4):
+        collate.epoch = epoch
+        batch = collate(items)
+        n = batch.wav.shape[1]
+        assert n % 320 == 0 and 24000 <= n <= 48000
+        assert batch.codes.shape[:2] == (3, 8) and batch.cqt.shape[2] == 336
+        assert batch.codes.shape[2] == batch.cqt.shape[1] == config.num_frames(n)
+        for i, start in enumerate(batch.starts.tolist()):
+            assert start % 320 == 0
+            full = load_audio(items[i]["path"], SR)
+            assert start + n <= full.numel()
+            torch.testing.assert_close(batch.wav[i], full[start:start + n], atol=1e-6, rtol=0)
+            assert batch.codes[i, 3, 0] == start // 320 + 100 * i
+            assert batch.cqt[i, 0, 0] == start // 320
+        seen.add(tuple(batch.starts.tolist()))
+        again = collate(items)
+        assert torch.equal(again.wav, batch.wav) and torch.equal(again.codes, batch.codes)
+    assert len(seen) > 1  # crops change with the epoch
+
+
+# -------------------------------------------------------------- checkpoints
+_INTERRUPTED_SAVE = r"""
+import os, sys, torch
+from speechbrain.utils.checkpoints import Checkpointer, mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain_recipes.checkpointing import AtomicCheckpointer
+
+@register_checkpoint_hooks
+class DiesOnSecondSave:
+    calls = 0
+    @mark_as_saver
+    def save(self, path):
+        DiesOnSecondSave.calls += 1
+        with open(path, "w") as f:
+            f.write("x" * 1000)
+        if DiesOnSecondSave.calls == 2:
+            os._exit(9)  # killed in the middle of writing the second checkpoint
+    @mark_as_loader
+    def load(self, path, end_of_epoch):
+        pass
+
+cls = AtomicCheckpointer if sys.argv[2] == "atomic" else Checkpointer
+model = torch.nn.Linear(3, 3)
+ckpt = cls(sys.argv[1], recoverables={"model": model, "zz_marker": DiesOnSecondSave()})
+ckpt.save_checkpoint(meta={"n": 1})
+with torch.no_grad():
+    model.weight.fill_(2.0)
+ckpt.save_checkpoint(meta={"n": 2})
+"""
+
+
+@pytest.mark.parametrize("kind", ["atomic", "speechbrain"])
+def test_checkpoint_killed_while_written_is_never_resumed(tmp_path, kind):
+    from speechbrain.utils.checkpoints import Checkpointer
+    from speechbrain_recipes.checkpointing import AtomicCheckpointer
+
+    folder = str(tmp_path / "save")
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_SAVE, folder, kind], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    model = torch.nn.Linear(3, 3)
+    cls = AtomicCheckpointer if kind == "atomic" else Checkpointer
+    ckpt = cls(folder, recoverables={"model": model})
+    chosen = ckpt.recover_if_possible()
+    if kind == "atomic":
+        assert chosen.meta["n"] == 1 and not torch.all(model.weight == 2.0)
+        assert sorted(os.listdir(folder)) == [chosen.path.name]  # the partial write was cleaned up
+    else:
+        # Why the recipe does not use SpeechBrain's Checkpointer as is: it writes CKPT.yaml first,
+        # so the interrupted checkpoint looks complete and is the one it resumes from.
+        assert chosen.meta["n"] == 2
+
+
+def test_half_deleted_or_truncated_checkpoints_are_skipped(tmp_path):
+    from speechbrain_recipes.checkpointing import AtomicCheckpointer
+
+    model = torch.nn.Linear(4, 4)
+    ckpt = AtomicCheckpointer(str(tmp_path), recoverables={"model": model, "other": torch.nn.Linear(2, 2)})
+    good = ckpt.save_checkpoint(meta={"n": 1})
+    time.sleep(0.01)
+    second = ckpt.save_checkpoint(meta={"n": 2})
+    os.remove(second.paramfiles["other"])  # as a killed deletion would leave it
+    assert ckpt.find_checkpoint().path == good.path
+    third = ckpt.save_checkpoint(meta={"n": 3})
+    with open(third.paramfiles["model"], "r+b") as f:
+        f.truncate(10)
+    assert ckpt.find_checkpoint().path == good.path
+
+
+def test_config_record_refuses_another_geometry(tmp_path):
+    from mert_plugin import MERTModel
+    from mert_plugin.errors import CheckpointError
+    from speechbrain_recipes.checkpointing import ConfigRecord
+
+    path = str(tmp_path / "mert_config.ckpt")
+    tiny = MERTModel.from_preset("mert-tiny")
+    ConfigRecord(tiny).save(path)
+    ConfigRecord(tiny).load(path, end_of_epoch=True)
+    config = tiny.config.to_dict()
+    config["num_hidden_layers"] = 2
+    from mert_plugin import MERTConfig
+
+    other = MERTModel(MERTConfig.from_dict(config))
+    with pytest.raises(CheckpointError, match="num_hidden_layers"):
+        ConfigRecord(other).load(path, end_of_epoch=True)
+
+
+def test_rng_state_round_trip(tmp_path):
+    from speechbrain_recipes.checkpointing import RNGState
+
+    path = str(tmp_path / "rng.ckpt")
+    RNGState().save(path)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()
+    RNGState().load(path, end_of_epoch=False)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+# ------------------------------------------------------------------ the recipe
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def _recipe_args(data, out, *extra):
+    return [TINY, f"--data_folder={data}", f"--output_folder={out}", "--device=cpu", "--noprogressbar", *extra]
+
+
+def _run(cmd, timeout=300):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=RECIPE, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    data = tmp_path_factory.mktemp("corpus")
+    _write_corpus(str(data))
+    _write_hostile(str(data))
+    return str(data)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """One uninterrupted single-process run of the tiny recipe (offline labels)."""
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    log = _run([sys.executable, TRAIN, *_recipe_args(corpus, out)])
+    return out, log
+
+
+@pytest.mark.slow
+def test_tiny_recipe_trains_logs_and_exports(trained):
+    out, log = trained
+    with open(os.path.join(out, "train_log.txt"), encoding="utf-8") as f:
+        lines = f.read().strip().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["epoch: 1", "epoch: 2"]
+    for term in ("train loss", "train acoustic_ce", "train cqt_mse", "train feature_penalty", "train acoustic_acc",
+                 "valid loss", "valid acoustic_ce", "valid cqt_mse"):
+        assert term in lines[-1], term
+    first = float(lines[0].split("train loss: ")[1].split(",")[0])
+    last = float(lines[-1].split("train loss: ")[1].split(",")[0])
+    assert last < first  # it learns something in two epochs
+    skipped = open(os.path.join(out, "skipped.txt"), encoding="utf-8").read()
+    assert all(name in skipped for name in ("empty.wav", "junk.mp3", "nan.wav", "short.wav"))
+    n_train = len(_read_csv(os.path.join(out, "train.csv")))
+    assert len([f for f in os.listdir(os.path.join(out, "labels", "a")) if f.endswith(".codes.npy")]) > 0
+    assert n_train >= 20
+    assert "Fitting the 'fitted' teacher" in log
+
+
+@pytest.mark.slow
+def test_export_and_checkpoint_load_everywhere(trained, tmp_path):
+    from speechbrain.inference.encoders import WaveformEncoder
+
+    from mert_plugin import MERTModel
+
+    out, _ = trained
+    export = os.path.join(out, "export")
+    model = MERTModel.from_pretrained(export)
+    ckpts = sorted(d for d in os.listdir(os.path.join(out, "save")) if d.startswith("CKPT+"))
+    from_ckpt = MERTModel.from_pretrained(os.path.join(out, "save", ckpts[-1]))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, from_ckpt.state_dict()[k]), k  # the last checkpoint is what was exported
+    untrained = MERTModel.from_preset("mert-tiny", seed=1234)
+    assert not torch.equal(model.encoder.layers[0].attention.q_proj.weight,
+                           untrained.encoder.layers[0].attention.q_proj.weight)
+
+    enc = WaveformEncoder.from_hparams(source=export, savedir=str(tmp_path / "sb"))
+    wav = torch.randn(2, 24000)
+    with torch.no_grad():
+        expected = model(wav).last_hidden_state
+    torch.testing.assert_close(enc.encode_batch(wav, torch.ones(2)), expected, atol=1e-5, rtol=0)
+
+
+def _latest_complete_checkpoint(save):
+    from speechbrain_recipes.checkpointing import checkpoint_problem
+
+    best = None
+    for d in os.listdir(save):
+        path = os.path.join(save, d)
+        if d.startswith("CKPT+") and os.path.isfile(os.path.join(path, "CKPT.yaml")) and not checkpoint_problem(path):
+            mtime = os.path.getmtime(os.path.join(path, "CKPT.yaml"))
+            best = max(best or (mtime, path), (mtime, path))
+    return best and best[1]
+
+
+def _intra_epoch_checkpoint_since(save, since):
+    if not os.path.isdir(save):
+        return False
+    for d in os.listdir(save):
+        meta = os.path.join(save, d, "CKPT.yaml")
+        try:
+            if d.startswith("CKPT+") and os.path.getmtime(meta) > since and "brain_intra_epoch_ckpt" in open(meta).read():
+                return True
+        except OSError:  # deleted meanwhile
+            pass
+    return False
+
+
+def _descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(pid):
+    """SIGKILL ``pid`` and every process below it, as a crash of the machine would.
+    (torchrun starts its workers in sessions of their own, so a process-group kill misses them.)"""
+    for _ in range(10):
+        targets = [pid] + _descendants(pid)
+        for target in targets:
+            try:
+                os.kill(target, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+        if not _descendants(pid):
+            return
+
+
+def _start_and_kill(cmd, out, epoch, rng):
+    """Run ``cmd``; SIGKILL its whole process group at a random moment (0-1 s) after an
+    intra-epoch checkpoint of ``epoch`` exists. Returns the newest complete checkpoint then."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=RECIPE)
+    log, save = os.path.join(out, "log.txt"), os.path.join(out, "save")
+    deadline, epoch_seen = time.time() + 240, None
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, "the run finished before it could be killed"
+            if epoch_seen is None and os.path.exists(log) and f"Going into epoch {epoch}" in open(log).read():
+                epoch_seen = time.time()
+            if epoch_seen is not None and _intra_epoch_checkpoint_since(save, epoch_seen):
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))
+    finally:
+        _kill_tree(proc.pid)
+        proc.wait()
+    assert not os.path.isdir(os.path.join(out, "export")), "killed too late: the run had already finished"
+    return _latest_complete_checkpoint(save)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_from_last_checkpoint(trained, corpus, tmp_path):
+    """Killed mid-epoch, the rerun continues from the newest checkpoint and ends
+    bit-for-bit where the uninterrupted run ended (RNG, data position, optimizer
+    and scheduler are all restored)."""
+    ref_out, _ = trained
+    out = str(tmp_path / "out")
+    shared = [f"--label_folder={ref_out}/labels", f"--teacher_state={ref_out}/teacher_state.safetensors",
+              "--ckpt_interval_steps=2"]
+    cmd = [sys.executable, TRAIN, *_recipe_args(corpus, out, *shared)]
+    last = _start_and_kill(cmd, out, epoch=2, rng=random.Random(os.getpid()))
+    assert last is not None
+    log = _run(cmd)
+    assert f"Loading a checkpoint from {last}" in log
+
+    from safetensors.torch import load_file
+
+    ref = load_file(os.path.join(ref_out, "export", "model.safetensors"))
+    got = load_file(os.path.join(out, "export", "model.safetensors"))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    with open(os.path.join(out, "train_log.txt"), encoding="utf-8") as f:
+        assert [line.split(",")[0] for line in f.read().strip().splitlines()] == ["epoch: 1", "epoch: 2"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo_killed_and_resumed(corpus, trained, tmp_path):
+    ref_out, _ = trained
+    out = str(tmp_path / "ddp")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN]
+    args = _recipe_args(corpus, out, "--distributed_backend=gloo", f"--label_folder={ref_out}/labels",
+                        f"--teacher_state={ref_out}/teacher_state.safetensors", "--ckpt_interval_steps=1")
+    last = _start_and_kill(torchrun + args, out, epoch=1, rng=random.Random(os.getpid() + 1))
+    assert last is not None
+    log = _run(torchrun + args)
+    assert f"Loading a checkpoint from {last}" in log
+    with open(os.path.join(out, "train_log.txt"), encoding="utf-8") as f:
+        lines = f.read().strip().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["epoch: 1", "epoch: 2"]
+    # Each process saw half the batches: half the single-process updates per epoch.
+    single = open(os.path.join(ref_out, "train_log.txt"), encoding="utf-8").read().splitlines()
+    updates = [int(line.split("updates: ")[1].split(" ")[0]) for line in (single[0], lines[0])]
+    assert updates[1] == (updates[0] + 1) // 2
+    from mert_plugin import MERTModel
+
+    MERTModel.from_pretrained(os.path.join(out, "export"))
