@@ -439,3 +439,64 @@ def test_torchrun_two_processes_gloo_killed_and_resumed(corpus, trained, tmp_pat
     from mert_plugin import MERTModel
 
     MERTModel.from_pretrained(os.path.join(out, "export"))
+
+
+# --------------------------------------------------------------- downstream
+def _write_pitch_task(folder, n=18):
+    """Three pitch classes; CSV columns path,label,split (+ an extra column, as the demo corpus has)."""
+    rng = np.random.default_rng(3)
+    os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
+    rows = []
+    for i in range(n):
+        label = ("low", "mid", "high")[i % 3]
+        f0 = {"low": 110.0, "mid": 440.0, "high": 1760.0}[label] * 2 ** rng.uniform(-0.2, 0.2)
+        t = np.arange(SR) / SR
+        sf.write(os.path.join(folder, "audio", f"n{i:02d}.wav"),
+                 (0.3 * np.sin(2 * np.pi * f0 * t) + 0.01 * rng.standard_normal(t.size)).astype(np.float32), SR)
+        rows.append({"path": f"audio/n{i:02d}.wav", "label": label,
+                     "split": ("train", "train", "train", "train", "valid", "test")[i // 3], "piece": str(i)})
+    with open(os.path.join(folder, "pitch.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "split", "piece"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return os.path.join(folder, "pitch.csv")
+
+
+def test_downstream_csv_errors_are_clear(tmp_path):
+    from mert_plugin.errors import MERTError
+    from speechbrain_recipes.MERT.downstream.train_classifier import read_task_csv
+
+    csv_path = _write_pitch_task(str(tmp_path))
+    splits = read_task_csv(csv_path, str(tmp_path))
+    assert [len(splits[s]) for s in ("train", "valid", "test")] == [12, 3, 3]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\naudio/n00.wav,low\n")
+    with pytest.raises(MERTError, match="missing column"):
+        read_task_csv(str(bad), str(tmp_path))
+    bad.write_text("path,label,split\naudio/n00.wav,low;mid,train\n")
+    with pytest.raises(MERTError, match="single-label"):
+        read_task_csv(str(bad), str(tmp_path))
+    bad.write_text("path,label,split\naudio/n00.wav,low,holdout\n")
+    with pytest.raises(MERTError, match="unknown split"):
+        read_task_csv(str(bad), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_downstream_classifier_on_frozen_export(trained, tmp_path):
+    out, _ = trained
+    data = str(tmp_path / "task")
+    csv_path = _write_pitch_task(data)
+    result = str(tmp_path / "cls")
+    script = os.path.join(RECIPE, "downstream", "train_classifier.py")
+    yaml_path = os.path.join(RECIPE, "downstream", "hparams", "classify.yaml")
+    _run([sys.executable, script, yaml_path, f"--data_folder={data}", f"--csv={csv_path}",
+          f"--pretrained={out}/export", f"--output_folder={result}", "--number_of_epochs=2", "--device=cpu",
+          "--noprogressbar"])
+    with open(os.path.join(result, "train_log.txt"), encoding="utf-8") as f:
+        lines = f.read().strip().splitlines()
+    assert lines[0].startswith("epoch: 1") and "layer_weights: [" in lines[0] and "valid accuracy" in lines[0]
+    assert "test accuracy" in lines[-1]
+    weights = lines[1].split("layer_weights: [")[1].split("]")[0].split(", ")
+    assert len(weights) == 5 and abs(sum(map(float, weights)) - 1.0) < 0.01  # mert-tiny: 4 layers + input
+    with open(os.path.join(result, "save", "label_encoder.txt"), encoding="utf-8") as f:
+        assert {"'low'", "'mid'", "'high'"} <= {line.split(" => ")[0] for line in f if "=>" in line}

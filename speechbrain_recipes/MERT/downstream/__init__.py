@@ -1,0 +1,1 @@
+"""Clip classification with a frozen MERT encoder under a learnable layer weighting."""
