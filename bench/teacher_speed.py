@@ -11,10 +11,16 @@ Measures, in one process on the same clip and thread count:
   their max relative difference;
 * the whole ``LabelGenerator`` (codes + CQT, as ``mert-labels`` runs it).
 
+Wall time is the figure that matters on an idle machine. On a shared one it
+mostly measures the neighbours, so the process CPU time is printed too:
+"audio s per CPU s" times the thread count estimates the idle wall-clock rate
+(exact only if the threads scale perfectly; an upper bound otherwise).
+
     .venv/bin/python bench/teacher_speed.py [--seconds 10] [--threads 2] [--repeats 5] [--device cpu|cuda]
 """
 import argparse
 import logging
+import os
 import platform
 import statistics
 import time
@@ -31,6 +37,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     logging.basicConfig(level=logging.ERROR)  # the fitted teacher's warnings are expected here
 
     from mert_plugin.teachers import LabelGenerator
@@ -53,6 +60,7 @@ def main():
         "labels: codes + cqt": lambda: gen(wav),
     }
     times = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
     with torch.inference_mode():
         ours, ref = gen.cqt(wav), reference_cqt(wav).transpose(1, 2)  # warm-up and parity
         rel = float((ours - ref).abs().max() / ref.abs().max())
@@ -61,19 +69,21 @@ def main():
         for _ in range(args.repeats):
             for name, fn in runs.items():
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 sync()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
 
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} threads, device {args.device}")
     print(f"# clip {args.batch} x {args.seconds:g} s, median of {args.repeats}; "
           f"CQT max rel diff vs nnAudio {rel:.1e}")
-    print(f"{'step':<26}{'median s':>10}{'x real time':>13}")
+    print(f"# load average before the run: {load}")
+    print(f"{'step':<26}{'median s':>10}{'x real time':>13}{'CPU s':>9}{'audio s / CPU s':>17}")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:<26}{med:>10.3f}{audio_seconds / med:>13.1f}")
+        med, cmed = statistics.median(ts), statistics.median(cpu[name])
+        print(f"{name:<26}{med:>10.3f}{audio_seconds / med:>13.1f}{cmed:>9.3f}{audio_seconds / cmed:>17.1f}")
     speedup = statistics.median(times["cqt nnAudio (reference)"]) / statistics.median(times["cqt mert_plugin"])
     print(f"CQT speed-up over nnAudio's forward: {speedup:.2f}x")
 
