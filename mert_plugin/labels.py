@@ -174,7 +174,7 @@ def _check_meta(out_dir: str, generator: LabelGenerator) -> None:
 # ------------------------------------------------------------------ labels
 def _resolve_inputs(inputs) -> List[Tuple[str, Optional[str], Optional[str]]]:
     """-> [(path, relative_name, reason it cannot be labelled or None)], de-duplicated, in input order."""
-    items = list(inputs)
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if items and all(isinstance(x, (tuple, list)) and len(x) == 2 for x in items):
         return [(os.fspath(p), r, "no relative name given" if not r else _unsafe_name(os.fspath(r))) for p, r in items]
     out, seen = [], set()
