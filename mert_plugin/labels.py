@@ -20,7 +20,8 @@ Reliability:
 
 Sharding: ``--shard i/n`` or, under ``torchrun``, ``RANK`` / ``WORLD_SIZE``
 (no process group is needed: shards are independent). Shard i takes every
-n-th file of the sorted, de-duplicated input list.
+n-th file, starting at i, of the de-duplicated input list (inputs in the order
+given, folders walked in sorted order), so every rank sees the same list.
 """
 from __future__ import annotations
 
