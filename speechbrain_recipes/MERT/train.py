@@ -92,7 +92,8 @@ class MERTBrain(sb.Brain):
         names = sorted(self.term_sums)
         totals = torch.tensor([self.term_sums[n] for n in names] + [self.term_batches], dtype=torch.float64)
         if all_ranks and torch.distributed.is_initialized():  # each rank saw its own share of the data
-            totals = sb.utils.distributed.ddp_all_reduce(totals, torch.distributed.ReduceOp.SUM)
+            totals = totals.to(self.device)  # NCCL reduces CUDA tensors only
+            totals = sb.utils.distributed.ddp_all_reduce(totals, torch.distributed.ReduceOp.SUM).cpu()
         return {n: float(v) / max(1.0, float(totals[-1])) for n, v in zip(names, totals[:-1])}
 
 
