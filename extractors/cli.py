@@ -169,8 +169,12 @@ class Extractor:
                     break
                 job = item[1]
                 if kind == "begin":
-                    job.writer = FeatureWriter(job.final, len(self.backend.layers), self.backend.dim,
-                                               self.pooling, self.dtype)
+                    try:
+                        job.writer = FeatureWriter(job.final, len(self.backend.layers), self.backend.dim,
+                                                   self.pooling, self.dtype)
+                    except OSError as exc:  # e.g. a folder where the output file should go
+                        self._fail(job, f"{job.path}: cannot write {job.final} ({exc.strerror or exc})")
+                        continue
                     self._open[id(job)] = job
                 elif kind == "window" and not job.failed:
                     self._add_window(job, item[2], item[3])
@@ -377,7 +381,7 @@ def load_backend(args, window_seconds: Optional[float]):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # cluster pre-emption: clean up like Ctrl-C
     try:
         return run(args)
     except MERTError as exc:
@@ -389,6 +393,8 @@ def main(argv=None) -> int:
     except _Terminated:
         print("terminated: finished outputs are kept; rerun the same command to do the rest", file=sys.stderr)
         return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Terminated(BaseException):

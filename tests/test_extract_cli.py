@@ -337,3 +337,16 @@ def test_unloadable_model_is_a_one_line_error(music, tmp_path, capsys):
     rc, err = _run([str(music[0]), "--model", str(tmp_path / "nothing"), "--output-dir", str(tmp_path / "o")],
                    capsys)
     assert rc == cli.EXIT_USAGE and "error: " in err and "Traceback" not in err
+
+
+def test_output_path_blocked_by_a_folder_fails_that_input_only(models, tmp_path, capsys):
+    hf, _, _ = models
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, _tone(1.0, 24000), 24000)
+    out = tmp_path / "feats"
+    (out / "a.npy").mkdir(parents=True)  # something in the way of a.npy
+    rc, err = _run([str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), "--model", hf, "--output-dir", str(out)],
+                   capsys)
+    assert rc == cli.EXIT_FAILED and "cannot write" in err and "Traceback" not in err
+    assert (out / "b.npy").is_file() and (out / "a.npy").is_dir()
+    assert not [p for p in out.rglob("*") if ".part-" in p.name]
