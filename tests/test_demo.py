@@ -1,0 +1,32 @@
+"""A shortened run of the end-to-end demo (``make demo``): every stage runs for real."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "mert_plugin.demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "probe" / "report.json").read_text())
+    assert set(report["probe"]) == {"instrument", "pitch"}
+    for task, entry in report["probe"].items():
+        for name in ("pretrained", "random_init", "cqt"):
+            assert 0.0 <= entry[name] <= 1.0 and f"{name}_std" in entry
+        assert len(entry["per_layer"]) == 5  # mert-tiny: 4 layers + the encoder input
+    # The pretrained model is the recipe's export, not its random init: their features differ.
+    assert report["probe"]["pitch"]["pretrained"] != report["probe"]["pitch"]["random_init"]
+    for name in ("pretrained", "random_init"):
+        meta = json.loads((out / "onnx" / f"mert_tiny_{name}.json").read_text())
+        assert max(meta["export"]["parity_max_abs_diff"].values()) <= 1e-4
+    assert (out / "pretrain" / "export" / "model.safetensors").exists()
+    assert (out / "probe" / "plots" / "pretrain_loss.png").exists()
+    assert json.loads((out / "demo_summary.json").read_text())["quick"] is True
+    # Pretraining saw only training-split clips.
+    with open(out / "corpus" / "pitch.csv") as f:
+        test_clips = [l.split(",")[0] for l in f if ",test," in l]
+    assert test_clips and not any((out / "pretrain_audio" / p).exists() for p in test_clips)
