@@ -1,7 +1,9 @@
 """``mert-export-onnx``: a fixed-window ONNX graph of a MERT model, gated on parity.
 
 The graph takes ``audio`` [batch, W] float32 (W = window in samples, default
-5 s at the model's rate = 120000 -> 374 frames) and returns
+5 s at the model's rate = 120000 -> 374 frames) and, optionally,
+``num_samples`` [batch] (real samples per zero-padded window; default W), and
+returns
 
 * ``last_hidden_state`` [batch, T_w, D]
 * ``hidden_states``     [batch, L+1, T_w, D] (all hidden states, stacked)
@@ -9,9 +11,10 @@ The graph takes ``audio`` [batch, W] float32 (W = window in samples, default
 with only the batch axis dynamic, as Essentia's ``OnnxPredict`` requires
 (every non-batch output dim static). It is exported with the dynamo-based
 ``torch.onnx`` exporter, checked against the PyTorch model with onnxruntime on
-noise and on a synthetic chord (batch 1 and 2), and written only if the max
-abs difference is within ``tolerance`` (1e-4). ``FILE.json`` next to it holds
-Essentia-style model metadata (``schema.inputs[0].shape`` = [batch, W]).
+noise and on a synthetic chord (batch 1 and 2, and a short masked window), and
+written only if the max abs difference is within ``tolerance`` (1e-4).
+``FILE.json`` next to it holds Essentia-style model metadata
+(``schema.inputs[0].shape`` = [batch, W]).
 
 Nothing half-written is ever left behind: both files are written under
 temporary names in the target folder and renamed into place after the checks;
@@ -165,7 +168,7 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
     """Export ``model`` to ``output`` (``.onnx``) and ``output``'s ``.json``; return the metadata.
 
     Raises :class:`ParityError` (and writes nothing) if onnxruntime and PyTorch
-    differ by more than ``tolerance``.
+    differ by more than ``tolerance``. Puts ``model`` in eval mode.
     """
     output = os.fspath(output)
     if not output.endswith(".onnx"):

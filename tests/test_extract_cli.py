@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from extractors import cli
 from extractors.export_onnx import export_onnx
