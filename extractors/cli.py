@@ -325,7 +325,8 @@ def parse_shard(spec: Optional[str]) -> Optional[tuple]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mert-extract", description=__doc__.split("::")[0].strip(),
+    p = argparse.ArgumentParser(prog="mert-extract", description="MERT features for audio files, folders and globs: "
+                                "one .npy per input, a manifest, resumable.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files, folders (recursive) or globs")
     src = p.add_mutually_exclusive_group(required=True)
