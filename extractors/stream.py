@@ -12,12 +12,11 @@ plus one block, whatever the length of the track.
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator, List, Tuple
 
 import numpy as np
 
-from mert_plugin.audio import MIN_SAMPLES
+from mert_plugin.audio import MIN_SAMPLES, check_audio_path
 from mert_plugin.errors import AudioError
 from mert_plugin.extract import Window, plan_windows
 
@@ -36,17 +35,7 @@ def decode_stream(path: str, sample_rate: int, block_frames: int = BLOCK_FRAMES,
     import soundfile as sf
     import soxr
 
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AudioError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise AudioError(f"{path}: is a folder, not an audio file")
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: not a regular file")
-    if not os.access(path, os.R_OK):
-        raise AudioError(f"{path}: permission denied")
-    if os.path.getsize(path) == 0:
-        raise AudioError(f"{path}: empty file")
+    path = check_audio_path(path)
     try:
         f = sf.SoundFile(path)
     except Exception as exc:  # LibsndfileError, RuntimeError, TypeError, OSError

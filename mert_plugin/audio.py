@@ -29,15 +29,7 @@ def load_audio(path: str, sample_rate: int, resampler: str = "soxr", min_samples
     """
     import soundfile as sf
 
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AudioError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise AudioError(f"{path}: is a folder, not an audio file")
-    if not os.access(path, os.R_OK):
-        raise AudioError(f"{path}: permission denied")
-    if os.path.getsize(path) == 0:
-        raise AudioError(f"{path}: empty file")
+    path = check_audio_path(path)
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile's errors are RuntimeError/LibsndfileError/TypeError
@@ -47,6 +39,22 @@ def load_audio(path: str, sample_rate: int, resampler: str = "soxr", min_samples
         raise AudioError(f"{path}: contains no samples")
     wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     return prepare_waveform(wav, sr, sample_rate, name=path, resampler=resampler, min_samples=min_samples)
+
+
+def check_audio_path(path: str) -> str:
+    """Raise :class:`AudioError` unless ``path`` is a readable, non-empty regular file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AudioError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise AudioError(f"{path}: is a folder, not an audio file")
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise AudioError(f"{path}: permission denied")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{path}: empty file")
+    return path
 
 
 def prepare_waveform(wav: Union[np.ndarray, torch.Tensor], orig_sr: int, sample_rate: int, name: str = "waveform",

@@ -240,8 +240,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _SAFE_GLOBALS:
-            if module.startswith("numpy"):
-                import numpy.core.multiarray  # noqa: F401  (resolved lazily, numpy is a dependency)
             return super().find_class(module, name)
         if module == "torch" and name in _TORCH_DTYPES:
             return getattr(torch, name)

@@ -61,7 +61,7 @@ def main(argv=None):
         return 0
     if cmd == "check":
         return check()
-    print(f"usage: python -m mert_plugin.compat [install-pth|check]", file=sys.stderr)
+    print("usage: python -m mert_plugin.compat [install-pth|check]", file=sys.stderr)
     return 2
 
 

@@ -9,7 +9,7 @@ Shapes use B = batch, N = samples, C = conv channels, T = frames, D = hidden siz
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .components import ConvFeatureExtractor, FeatureProjection, TransformerEncoder

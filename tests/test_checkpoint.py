@@ -1,5 +1,4 @@
 """Checkpoint interop and safety: fairseq .pt without fairseq, HF cache, configs, hostile files."""
-import json
 import os
 import sys
 import types

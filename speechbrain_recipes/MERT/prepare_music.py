@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from mert_plugin.audio import AUDIO_EXTENSIONS, find_audio_files
+from mert_plugin.audio import AUDIO_EXTENSIONS, check_audio_path, find_audio_files
 from mert_plugin.errors import AudioError
 
 logger = logging.getLogger(__name__)
@@ -112,12 +112,7 @@ def probe_duration(path: str, check_decode: bool = True) -> float:
     """Duration in seconds; :class:`AudioError` for anything that cannot be used."""
     import soundfile as sf
 
-    if os.path.isdir(path):
-        raise AudioError(f"{path}: is a folder, not an audio file")
-    if not os.access(path, os.R_OK):
-        raise AudioError(f"{path}: permission denied")
-    if os.path.getsize(path) == 0:
-        raise AudioError(f"{path}: empty file")
+    check_audio_path(path)
     try:
         info = sf.info(path)
         if not check_decode:
