@@ -75,13 +75,13 @@ def training_folder(corpus: Path, out: Path) -> Path:
     return folder
 
 
-def pretrain(data: Path, out: Path, epochs: int, seed: int) -> Path:
+def pretrain(data: Path, out: Path, epochs: int, seed: int, teacher: str, extra=()) -> Path:
     """Run the SpeechBrain recipe as a user would; returns the exported model folder."""
     cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "mert_tiny.yaml"),
            f"--data_folder={data}", f"--output_folder={out / 'pretrain'}", f"--number_of_epochs={epochs}",
            f"--seed={seed}", "--max_train_files=0", "--max_valid_files=0", "--device=cpu", "--noprogressbar",
            # The default corpus gives ~94 updates per epoch: decay the learning rate over the whole run.
-           f"--total_updates={100 * epochs}"]
+           f"--total_updates={100 * epochs}", f"--acoustic_teacher={teacher}", *extra]
     print("    $ " + " ".join(cmd[1:]), flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     subprocess.run(cmd, check=True, cwd=RECIPE, env=env)
@@ -159,7 +159,12 @@ def main(argv=None) -> int:
     ap.add_argument("--pieces", type=int, default=20, help="music21 pieces to render (default 20)")
     ap.add_argument("--epochs", type=int, default=5, help="pretraining epochs (default 5)")
     ap.add_argument("--tasks", nargs="+", default=None, help="probe only these tasks (default: all)")
+    ap.add_argument("--acoustic-teacher", default="fitted", choices=["fitted", "none"],
+                    help="acoustic teacher of the tiny recipe: 'fitted' (demo k-means codebooks over a random "
+                         "EnCodec encoder) or 'none' (CQT target only)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipe-arg", action="append", default=[], metavar="--KEY=VALUE",
+                    help="extra argument for the recipe's train.py (repeatable), e.g. --recipe-arg=--lr=0.0001")
     ap.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     ap.add_argument("--quick", action="store_true",
                     help="a shortened smoke run (few pieces and notes, 1 epoch, 2 seeds): checks the pipeline, "
@@ -179,7 +184,8 @@ def main(argv=None) -> int:
     corpus = build_corpus(out, args.pieces, args.seed, args.quick)
     _done(t)
     t = _step("2/5 pretraining mert-tiny with the SpeechBrain recipe (teacher fit, offline labels, Brain.fit)")
-    model_dir = pretrain(training_folder(corpus, out), out, args.epochs, recipe_seed)
+    model_dir = pretrain(training_folder(corpus, out), out, args.epochs, recipe_seed, args.acoustic_teacher,
+                        args.recipe_arg)
     _done(t)
     t = _step("3/5 ONNX export with parity gate (mert-export-onnx), pretrained and random init")
     graphs = export(model_dir, recipe_seed, out)
