@@ -52,29 +52,46 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+# Logged counters, not training signals: left out of the loss plot.
+_BOOKKEEPING = ("updates", "masked_frames", "masked_fraction", "steps", "step")
+
+
 def plot_train_log(records: Sequence[Mapping[str, float]], path: Path) -> Path:
-    """Loss curves of a parsed train log against the epoch (one PNG): every series except
-    ``epoch`` and learning rates (``train loss``, ``valid loss``, ``train ce_acoustic``, ...);
-    accuracy-like series (name contains ``acc``) go to a second panel."""
+    """Training curves of a parsed train log against the epoch (one PNG), one panel per
+    metric (``loss``, ``acoustic_ce``, ``cqt_mse``, ``acoustic_acc``, ...) with its train
+    (solid) and valid (dashed) series, so that terms of very different scales stay
+    readable. Learning rates and counters (updates, masked frames) are left out."""
     plt = _plt()
     from matplotlib.ticker import MaxNLocator
 
     keys = sorted({k for r in records for k in r if k != "epoch" and not k.split()[-1].startswith("lr")})
-    panels = [[k for k in keys if "acc" not in k], [k for k in keys if "acc" in k]]
-    panels = [p for p in panels if p] or [[]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
-    for ax, panel, ylabel in zip(axes[0], panels, ("loss", "accuracy")):
-        for k in panel:
+    metrics: Dict[str, List[str]] = {}
+    for k in keys:
+        metric = k.split(" ", 1)[1] if k.split(" ", 1)[0] in ("train", "valid") and " " in k else k
+        if metric not in _BOOKKEEPING:
+            metrics.setdefault(metric, []).append(k)
+    # The total loss first, then the other terms in name order.
+    names = sorted(metrics, key=lambda m: (m != "loss", m)) or ["loss"]
+    cols = min(3, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(names):
+            ax.set_visible(False)
+            continue
+        for k in metrics.get(names[i], []):
             pts = [(r["epoch"], r[k]) for r in records if k in r and math.isfinite(r[k])]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=k, ls="--" if k.startswith("valid") else "-")
+                ax.plot(*zip(*pts), marker="o", ms=3, label=k.split(" ", 1)[0],
+                        ls="--" if k.startswith("valid") else "-")
+        ax.set_title(names[i], fontsize=10)
         ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if panel:
+        if ax.lines:
             ax.legend(fontsize=8)
-    axes[0][0].set_title("pre-training")
+    fig.suptitle("pre-training")
+    fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
     return path
