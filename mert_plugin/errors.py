@@ -21,3 +21,25 @@ class ConfigError(MERTError, ValueError):
 
 class CheckpointError(MERTError, OSError):
     """A checkpoint is missing, unreadable, untrusted or does not match the config."""
+
+
+def run_cli(body, interrupted: str = "error: interrupted") -> int:
+    """Run a command-line entry point's ``body()`` and map failures to exit codes.
+
+    User errors (:class:`MERTError`) -> one ``error: ...`` line, exit 2; file-system
+    errors (unwritable output folder, full disk) -> one line, exit 1; Ctrl-C -> 130.
+    Anything else is a bug and keeps its traceback.
+    """
+    import sys
+
+    try:
+        return body()
+    except MERTError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130

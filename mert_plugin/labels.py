@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
-from .errors import MERTError
+from .errors import MERTError, run_cli
 from .teachers import ACOUSTIC_KINDS, LabelGenerator
 
 logger = logging.getLogger(__name__)
@@ -368,14 +368,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except MERTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to finish", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(args), interrupted="interrupted: rerun the same command to finish")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import List, Optional
 
-from ..errors import MERTError
+from ..errors import run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,44 +76,38 @@ def _summary(manifest: dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "renderers":
-            from .render import find_fluidsynth
+    return run_cli(lambda: _run(args))
 
-            found = find_fluidsynth()
-            print("synth       built in (default; 'auto' always uses it)")
-            print(f"fluidsynth  {'available: ' + ' + '.join(found) if found else 'not available (no binary or soundfont)'}")
-            return 0
-        t0 = time.perf_counter()
-        if args.command == "build":
-            from .build import build_corpus
 
-            manifest = build_corpus(
-                args.out, num_pieces=args.num_pieces, composers=args.composers,
-                versions_per_piece=args.versions_per_piece, max_piece_seconds=args.max_piece_seconds,
-                clip_seconds=args.clip_seconds, seed=args.seed, renderer=args.renderer, soundfont=args.soundfont,
-                timbres=args.timbres, tasks=args.tasks, transpose=not args.no_transpose,
-                note_variants=args.note_variants, pitch_range=(args.pitch_min, args.pitch_max),
-                note_seconds=args.note_seconds, key_min_correlation=args.key_min_correlation,
-                wav_subtype=args.wav_subtype, progress=not args.quiet)
-        else:
-            from .userdata import import_folder
+def _run(args) -> int:
+    if args.command == "renderers":
+        from .render import find_fluidsynth
 
-            manifest = import_folder(args.audio, args.labels, args.out, task=args.task,
-                                     clip_seconds=args.clip_seconds, seed=args.seed, multilabel=args.multilabel,
-                                     wav_subtype=args.wav_subtype, progress=not args.quiet)
-        print(_summary(manifest))
-        print(f"wrote {args.out}/corpus.json in {time.perf_counter() - t0:.1f} s")
+        found = find_fluidsynth()
+        print("synth       built in (default; 'auto' always uses it)")
+        print(f"fluidsynth  {'available: ' + ' + '.join(found) if found else 'not available (no binary or soundfont)'}")
         return 0
-    except MERTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # unwritable output folder, full disk, ...: not a bug in this code
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    t0 = time.perf_counter()
+    if args.command == "build":
+        from .build import build_corpus
+
+        manifest = build_corpus(
+            args.out, num_pieces=args.num_pieces, composers=args.composers,
+            versions_per_piece=args.versions_per_piece, max_piece_seconds=args.max_piece_seconds,
+            clip_seconds=args.clip_seconds, seed=args.seed, renderer=args.renderer, soundfont=args.soundfont,
+            timbres=args.timbres, tasks=args.tasks, transpose=not args.no_transpose,
+            note_variants=args.note_variants, pitch_range=(args.pitch_min, args.pitch_max),
+            note_seconds=args.note_seconds, key_min_correlation=args.key_min_correlation,
+            wav_subtype=args.wav_subtype, progress=not args.quiet)
+    else:
+        from .userdata import import_folder
+
+        manifest = import_folder(args.audio, args.labels, args.out, task=args.task,
+                                 clip_seconds=args.clip_seconds, seed=args.seed, multilabel=args.multilabel,
+                                 wav_subtype=args.wav_subtype, progress=not args.quiet)
+    print(_summary(manifest))
+    print(f"wrote {args.out}/corpus.json in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Dict, List, Optional
 
-from ..errors import MERTError
+from ..errors import run_cli
 
 
 def _name_value(text: str, what: str) -> tuple:
@@ -71,35 +71,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         task_csvs = _pairs(args.csv, "--csv")
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
-    try:
-        import torch
+    return run_cli(lambda: _run(args, feature_sets, task_csvs))
 
-        from .mlp import ProbeConfig
-        from .run import run_probe
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        config = ProbeConfig(max_epochs=args.max_epochs, patience=args.patience, lr=args.lr,
-                             batch_size=args.batch_size, layer_lr_scale=args.layer_lr_scale,
-                             standardize=not args.no_standardize)
-        report = run_probe(args.out, feature_sets=feature_sets, corpus_dir=args.corpus, tasks=args.task,
-                           task_csvs=task_csvs, audio_root=args.audio_root, baselines=args.baseline or [],
-                           seeds=args.seeds, config=config, train_log=args.train_log, progress=not args.quiet)
-        for task, e in report["probe"].items():
-            scores = ", ".join(f"{n} {e[n]:.3f}±{e[n + '_std']:.3f}" if e[n] is not None else f"{n} n/a"
-                               for n in report["feature_sets"] + report["baselines"])
-            print(f"{task} ({e['metric']}): {scores}")
-        print(f"wrote {args.out}/report.json, report.md and plots/ in {report['seconds']} s")
-        return 0
-    except MERTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # unwritable output folder, full disk, ...: not a bug in this code
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+def _run(args, feature_sets, task_csvs) -> int:
+    import torch
+
+    from .mlp import ProbeConfig
+    from .run import run_probe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ProbeConfig(max_epochs=args.max_epochs, patience=args.patience, lr=args.lr,
+                         batch_size=args.batch_size, layer_lr_scale=args.layer_lr_scale,
+                         standardize=not args.no_standardize)
+    report = run_probe(args.out, feature_sets=feature_sets, corpus_dir=args.corpus, tasks=args.task,
+                       task_csvs=task_csvs, audio_root=args.audio_root, baselines=args.baseline or [],
+                       seeds=args.seeds, config=config, train_log=args.train_log, progress=not args.quiet)
+    for task, e in report["probe"].items():
+        scores = ", ".join(f"{n} {e[n]:.3f}±{e[n + '_std']:.3f}" if e[n] is not None else f"{n} n/a"
+                           for n in report["feature_sets"] + report["baselines"])
+        print(f"{task} ({e['metric']}): {scores}")
+    print(f"wrote {args.out}/report.json, report.md and plots/ in {report['seconds']} s")
+    return 0
 
 
 if __name__ == "__main__":
