@@ -75,13 +75,35 @@ def training_folder(corpus: Path, out: Path) -> Path:
     return folder
 
 
+def parse_recipe_args(extra) -> tuple:
+    """``--KEY=VALUE`` items -> ({KEY: VALUE}, [other --FLAGs]); ValueError on anything else."""
+    overrides, flags = {}, ["--noprogressbar"]
+    for arg in extra:
+        key, sep, value = arg[2:].partition("=")
+        if not arg.startswith("--") or not key:
+            raise ValueError(f"--recipe-arg expects --KEY=VALUE or --FLAG, got {arg!r}")
+        if sep:
+            overrides[key] = value
+        elif arg not in flags:
+            flags.append(arg)
+    return overrides, flags
+
+
+def recipe_command(data: Path, out: Path, epochs: int, seed: int, teacher: str, extra=()) -> list:
+    """The recipe's command line; ``extra`` ``--KEY=VALUE`` items replace the demo's own value for KEY."""
+    args = {"data_folder": data, "output_folder": out / "pretrain", "number_of_epochs": epochs, "seed": seed,
+            "max_train_files": 0, "max_valid_files": 0, "device": "cpu",
+            "total_updates": 0,  # the learning rate decays to zero at the end of the last epoch
+            "acoustic_teacher": teacher}
+    overrides, flags = parse_recipe_args(extra)
+    args.update(overrides)  # the recipe's yaml parser refuses duplicate keys
+    return [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "mert_tiny.yaml"),
+            *(f"--{k}={v}" for k, v in args.items()), *flags]
+
+
 def pretrain(data: Path, out: Path, epochs: int, seed: int, teacher: str, extra=()) -> Path:
     """Run the SpeechBrain recipe as a user would; returns the exported model folder."""
-    cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "mert_tiny.yaml"),
-           f"--data_folder={data}", f"--output_folder={out / 'pretrain'}", f"--number_of_epochs={epochs}",
-           f"--seed={seed}", "--max_train_files=0", "--max_valid_files=0", "--device=cpu", "--noprogressbar",
-           # The default corpus gives ~94 updates per epoch: decay the learning rate over the whole run.
-           f"--total_updates={100 * epochs}", f"--acoustic_teacher={teacher}", *extra]
+    cmd = recipe_command(data, out, epochs, seed, teacher, extra)
     print("    $ " + " ".join(cmd[1:]), flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     subprocess.run(cmd, check=True, cwd=RECIPE, env=env)
@@ -156,7 +178,7 @@ def verdict(report) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="End-to-end MERT demo on an embedded corpus (offline, CPU).")
     ap.add_argument("--out", default=str(REPO / "demo_output"), help="output folder (default: demo_output/)")
-    ap.add_argument("--pieces", type=int, default=20, help="music21 pieces to render (default 20)")
+    ap.add_argument("--pieces", type=int, default=40, help="music21 pieces to render (default 40)")
     ap.add_argument("--epochs", type=int, default=5, help="pretraining epochs (default 5)")
     ap.add_argument("--tasks", nargs="+", default=None, help="probe only these tasks (default: all)")
     ap.add_argument("--acoustic-teacher", default="fitted", choices=["fitted", "none"],
@@ -170,6 +192,10 @@ def main(argv=None) -> int:
                     help="a shortened smoke run (few pieces and notes, 1 epoch, 2 seeds): checks the pipeline, "
                          "too small to compare models")
     args = ap.parse_args(argv)
+    try:
+        parse_recipe_args(args.recipe_arg)
+    except ValueError as exc:
+        ap.error(str(exc))
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)

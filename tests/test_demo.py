@@ -30,3 +30,21 @@ def test_quick_demo_runs_every_stage(tmp_path):
     with open(out / "corpus" / "pitch.csv") as f:
         test_clips = [l.split(",")[0] for l in f if ",test," in l]
     assert test_clips and not any((out / "pretrain_audio" / p).exists() for p in test_clips)
+
+
+def test_recipe_args_replace_the_demos_own_values(tmp_path):
+    from mert_plugin.demo import recipe_command
+
+    cmd = recipe_command(tmp_path, tmp_path, 5, 1234, "fitted",
+                         ["--lr=0.0001", "--number_of_epochs=9", "--debug"])
+    keys = [a.split("=", 1)[0] for a in cmd[3:]]
+    assert len(keys) == len(set(keys)), cmd          # hyperpyyaml refuses duplicate keys
+    assert "--number_of_epochs=9" in cmd and "--number_of_epochs=5" not in cmd
+    assert "--lr=0.0001" in cmd and "--debug" in cmd
+
+
+def test_bad_recipe_arg_is_a_usage_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mert_plugin.demo", "--out", str(tmp_path / "d"),
+                           "--recipe-arg=lr=1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--KEY=VALUE" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "d" / "corpus").exists()

@@ -13,6 +13,8 @@ process, then ``Brain.fit`` (resumes from the last checkpoint of
 ``<output_folder>/export`` (HF folder + SpeechBrain inference files).
 """
 import logging
+import math
+import os
 import sys
 
 import torch
@@ -152,6 +154,13 @@ def train(hparams, run_opts, datasets):
     # Brain calls set_epoch only on samplers it made itself (or wrapped for DDP): without this the
     # batch order would depend on how many epochs this process has run, not on the epoch number.
     brain.train_sampler = train_sampler
+    sched = hparams["lr_scheduler"]
+    if sched.num_training_steps <= 0:  # total_updates: 0 = decay to zero at the end of the last epoch
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # DDP splits the batches between the processes
+        per_epoch = math.ceil(len(train_sampler) / world / hparams["grad_accumulation_factor"])
+        sched.num_training_steps = per_epoch * hparams["number_of_epochs"]
+        logger.info("total_updates: 0 -> %d (%d epochs x %d updates)", sched.num_training_steps,
+                    hparams["number_of_epochs"], per_epoch)
     valid_loader = None
     if len(datasets["valid"]):  # fixed order: the same masks are drawn every epoch and after a resume
         valid_sampler = make_batch_sampler(datasets["valid"], hparams["crop_max_seconds"], **{
