@@ -14,7 +14,8 @@ Every step uses the project's real entry points, offline, on 2 CPU cores:
 5. ``mert-probe``: MARBLE-style probes per layer and weighted sum, pretrained vs random
    init vs a CQT baseline, 3 seeds; ``report.json``, ``report.md`` and plots.
 
-Work already done is reused on a rerun (every step is resumable). Run::
+Work already done is reused on a rerun with the same settings (every step is resumable); a rerun
+with other settings into the same ``--out`` is refused (use ``--fresh``). Run::
 
     python -m mert_plugin.demo [--out demo_output] [--epochs N] [--fresh]
 """
@@ -175,6 +176,31 @@ def verdict(report) -> bool:
     return won
 
 
+def claim_output_folder(out: Path, settings: dict):
+    """Record the settings a demo folder is built with; a rerun resumes only with the same ones.
+
+    Every step reuses what the folder holds (the recipe even resumes from its last checkpoint),
+    so a rerun with other settings would silently report the old model. Returns an error
+    message for that case, else None.
+    """
+    path = out / "demo_settings.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != settings:
+            changed = sorted(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
+            return (f"{out} holds a demo run made with other settings ({', '.join(changed) or 'unreadable'} "
+                    f"differ): pass --fresh to start it over, or choose another --out")
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, path)
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="End-to-end MERT demo on an embedded corpus (offline, CPU).")
     ap.add_argument("--out", default=str(REPO / "demo_output"), help="output folder (default: demo_output/)")
@@ -199,9 +225,13 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.pieces, args.epochs = min(args.pieces, 6), 1
+    problem = claim_output_folder(out, {"pieces": args.pieces, "epochs": args.epochs, "seed": args.seed,
+                                        "acoustic_teacher": args.acoustic_teacher, "quick": args.quick,
+                                        "recipe_args": sorted(args.recipe_arg)})
+    if problem:
+        ap.error(problem)
     seeds = (0, 1) if args.quick else (0, 1, 2)
     recipe_seed = 1234 + args.seed
     start = time.perf_counter()

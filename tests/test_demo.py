@@ -48,3 +48,20 @@ def test_bad_recipe_arg_is_a_usage_error(tmp_path):
                            "--recipe-arg=lr=1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--KEY=VALUE" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "d" / "corpus").exists()
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    """A demo folder resumes only with the settings it was made with (else the recipe would
+    resume from its finished checkpoint and the report would describe the old model)."""
+    from mert_plugin.demo import claim_output_folder
+
+    out = tmp_path / "d"
+    settings = {"pieces": 40, "epochs": 5, "seed": 0, "recipe_args": []}
+    assert claim_output_folder(out, settings) is None
+    assert claim_output_folder(out, dict(settings)) is None           # same settings: resume
+    problem = claim_output_folder(out, {**settings, "recipe_args": ["--lr=0.0005"]})
+    assert "recipe_args" in problem and "--fresh" in problem
+    proc = subprocess.run([sys.executable, "-m", "mert_plugin.demo", "--out", str(out), "--epochs", "3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "epochs" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "corpus").exists()
