@@ -56,6 +56,23 @@ def test_weighted_sum_picks_the_informative_layer():
     assert res["score"] > 0.8
 
 
+def test_feature_geometry_tells_collapsed_from_spread_features():
+    from mert_plugin.probe.mlp import feature_geometry
+
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal((400, 1, 16))
+    level = rng.standard_normal((400, 1, 1))                 # one factor (say loudness) in every dim
+    collapsed = level * rng.uniform(0.5, 2.0, (1, 1, 16)) + 0.05 * rng.standard_normal((400, 1, 16))
+    g_spread, g_collapsed = feature_geometry(spread), feature_geometry(collapsed)
+    assert g_spread["effective_rank"][0] > 14 and g_spread["pc1_share"][0] < 0.15
+    assert g_collapsed["effective_rank"][0] < 1.5 and g_collapsed["pc1_share"][0] > 0.95
+    # z-scoring first: rescaling one dimension does not change the geometry
+    scaled = spread.copy()
+    scaled[..., 0] *= 1000.0
+    assert feature_geometry(scaled)["effective_rank"][0] == pytest.approx(g_spread["effective_rank"][0], rel=1e-6)
+    assert feature_geometry(np.ones((10, 1, 4)))["effective_rank"] == [0.0]
+
+
 def test_probe_is_reproducible_for_a_seed():
     x, y, splits = separable(per_class=20)
     a = probe_feature_set(x, y, splits, num_classes=4, multilabel=False, seeds=(3,))
@@ -190,6 +207,9 @@ def test_run_probe_report_plots_and_baseline(tone_corpus, tmp_path):
         assert (tmp_path / "out" / rel).read_bytes()[:8] == PNG
     md = (tmp_path / "out/report.md").read_text()
     assert "| tone | accuracy |" in md and "plots/layers_tone.png" in md
+    g = e["feature_sets"]["pretrained"]["geometry"]
+    assert len(g["effective_rank"]) == len(g["pc1_share"]) == 3
+    assert "| tone | pretrained |" in md and "| tone | cqt |" not in md  # baselines have no layers to show
 
 
 def test_run_probe_on_a_user_csv_without_splits(tone_corpus, tmp_path):

@@ -147,6 +147,31 @@ def _standardize(x_train: np.ndarray, *others: np.ndarray):
     return [(a - mu) / sd for a in (x_train,) + others]
 
 
+def feature_geometry(x_train: np.ndarray) -> Dict[str, List[float]]:
+    """How spread out the pooled training features are, per layer: ``x_train [N, L, D]`` ->
+    ``{"effective_rank": [L], "pc1_share": [L]}`` on z-scored features.
+
+    ``effective_rank`` is exp(entropy) of the normalised PCA spectrum (1 = all clips on one
+    line, up to min(N, D)); ``pc1_share`` is the variance fraction of the first component.
+    A collapsed representation (one nuisance factor such as loudness dominating every
+    dimension) shows up here even when probe scores look plausible.
+    """
+    ranks, shares = [], []
+    for layer in range(x_train.shape[1]):
+        x = np.asarray(x_train[:, layer], dtype=np.float64)
+        z = (x - x.mean(0)) / (x.std(0) + 1e-5)
+        var = np.linalg.svd(z, compute_uv=False) ** 2
+        total = var.sum()
+        if total <= 0:  # constant features
+            ranks.append(0.0), shares.append(1.0)
+            continue
+        p = var / total
+        p = p[p > 0]
+        ranks.append(float(np.exp(-(p * np.log(p)).sum())))
+        shares.append(float(var[0] / total))
+    return {"effective_rank": ranks, "pc1_share": shares}
+
+
 def _predict(model: StackedProbes, x: Tensor, chunk: int = 1024) -> Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)], dim=1)
@@ -274,7 +299,8 @@ def probe_feature_set(x: np.ndarray, y: np.ndarray, splits: Sequence[str], *, nu
     Returns a JSON-ready summary: ``score``/``std`` (the weighted-sum probe, or the single
     layer when L == 1; mean and std over seeds), ``per_layer``/``per_layer_std``,
     ``best_layer`` (chosen on the *validation* mean, then reported on test),
-    ``layer_weights`` (mean softmax weights), per-seed ``runs`` and, for multi-label, AP.
+    ``layer_weights`` (mean softmax weights), per-seed ``runs``, the training features'
+    ``geometry`` (:func:`feature_geometry`) and, for multi-label, AP.
     """
     splits = np.asarray(splits)
     parts = {s: np.flatnonzero(splits == s) for s in ("train", "valid", "test")}
@@ -300,6 +326,7 @@ def probe_feature_set(x: np.ndarray, y: np.ndarray, splits: Sequence[str], *, nu
         "best_layer_std": float(test[:, best].std()),
         "best_epochs": [[int(e) for e in r.best_epoch] for r in runs],
         "seeds": [int(s) for s in seeds],
+        "geometry": feature_geometry(x[parts["train"]]),
     }
     if num_layers > 1:
         out["layer_weights"] = [float(v) for v in np.mean([r.layer_weights for r in runs], axis=0)]

@@ -148,6 +148,15 @@ def write_markdown(report: Mapping, path: Path) -> Path:
         n = e["num_clips"]
         lines.append(f"- {task}: {e['num_classes']} classes; train {n['train']}, valid {n['valid']}, "
                      f"test {n['test']}")
+    geometry = [(task, name, fs["geometry"]) for task, e in probe.items()
+                for name, fs in e["feature_sets"].items() if fs.get("geometry") and name in report["feature_sets"]]
+    if geometry:
+        lines += ["", "Feature geometry (training clips, z-scored; per layer). An effective rank near 1 and a "
+                  "large first-component share mean the clips lie on a line (e.g. loudness), whatever the "
+                  "scores say:", "", "| task | features | effective rank | first-component share |", "|---|---|---|---|"]
+        for task, name, g in geometry:
+            lines.append(f"| {task} | {name} | " + " ".join(f"{v:.1f}" for v in g["effective_rank"]) + " | "
+                         + " ".join(f"{v:.2f}" for v in g["pc1_share"]) + " |")
     lines.append("")
     for task, e in probe.items():
         if e.get("plot"):
