@@ -186,6 +186,8 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
     tmp_graph = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
     final_json = metadata_path(output)
     tmp_json = os.path.join(folder, f".{os.path.basename(final_json)}.{os.getpid()}.tmp")
+    for name in (base, os.path.basename(final_json)):
+        _remove_dead_temporaries(folder, name)
     # eval() on the exact module exported: dropout and layerdrop must be off in the graph.
     model.eval()
     wrapper = ExportWrapper(model).eval()
@@ -214,6 +216,27 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
         for p in (tmp_graph, tmp_json):
             if os.path.exists(p):
                 os.unlink(p)
+
+
+def _remove_dead_temporaries(folder: str, name: str) -> None:
+    """Delete ``.NAME.PID.tmp`` files whose exporting process no longer exists (a killed export
+    cannot clean up after itself; a graph temporary can be hundreds of MB)."""
+    prefix = f".{name}."
+    for entry in os.listdir(folder):
+        pid = entry[len(prefix):-len(".tmp")] if entry.startswith(prefix) and entry.endswith(".tmp") else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (another export to the same file): leave its files alone
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, owned by someone else
+        try:
+            os.unlink(os.path.join(folder, entry))
+        except FileNotFoundError:
+            pass
 
 
 def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: bool) -> Dict[str, str]:

@@ -193,6 +193,20 @@ def test_killed_export_never_leaves_half_written_files(exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.onnx"]  # temporaries cleaned up
 
 
+def test_export_removes_temporaries_of_dead_exports_only(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                  # its pid now belongs to no process
+    stale = [tmp_path / f".m.onnx.{dead.pid}.tmp", tmp_path / f".m.json.{dead.pid}.tmp"]
+    alive = tmp_path / f".m.onnx.{os.getppid()}.tmp"  # a running process: maybe another export
+    other = tmp_path / ".other.onnx.123.tmp"
+    for p in stale + [alive, other]:
+        p.write_bytes(b"partial")
+    assert ex.main(["--preset", "mert-tiny", "--output", str(tmp_path / "m.onnx"), "--threads", "1"]) == 0
+    assert not any(p.exists() for p in stale)
+    assert alive.exists() and other.exists()
+    assert _valid_pair(tmp_path / "m.onnx")
+
+
 def test_graph_without_its_json_still_runs_and_mismatched_json_is_refused(exported, tmp_path):
     path, model = exported
     lone = tmp_path / "lone.onnx"
