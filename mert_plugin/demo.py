@@ -194,6 +194,9 @@ def claim_output_folder(out: Path, settings: dict):
             return (f"{out} holds a demo run made with other settings ({', '.join(changed) or 'unreadable'} "
                     f"differ): pass --fresh to start it over, or choose another --out")
         return None
+    if out.is_dir() and any(out.iterdir()):
+        return (f"{out} is not empty and has no demo_settings.json (a run of an older version, or not a demo "
+                f"folder): pass --fresh to start it over, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(settings, indent=2))

@@ -65,3 +65,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "epochs" in proc.stderr and "Traceback" not in proc.stderr
     assert not (out / "corpus").exists()
+    older = tmp_path / "older"
+    (older / "pretrain").mkdir(parents=True)                  # a run from before settings were recorded
+    assert "--fresh" in claim_output_folder(older, settings)
+    assert claim_output_folder(tmp_path / "new" / "deeper", settings) is None  # a new folder is created
