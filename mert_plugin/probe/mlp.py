@@ -157,10 +157,9 @@ def feature_geometry(x_train: np.ndarray) -> Dict[str, List[float]]:
     dimension) shows up here even when probe scores look plausible.
     """
     ranks, shares = [], []
+    z_all = _standardize(np.asarray(x_train, dtype=np.float64))[0]
     for layer in range(x_train.shape[1]):
-        x = np.asarray(x_train[:, layer], dtype=np.float64)
-        z = (x - x.mean(0)) / (x.std(0) + 1e-5)
-        var = np.linalg.svd(z, compute_uv=False) ** 2
+        var = np.linalg.svd(z_all[:, layer], compute_uv=False) ** 2
         total = var.sum()
         if total <= 0:  # constant features
             ranks.append(0.0), shares.append(1.0)

@@ -14,7 +14,6 @@ process, then ``Brain.fit`` (resumes from the last checkpoint of
 """
 import logging
 import math
-import os
 import sys
 
 import torch
@@ -156,7 +155,8 @@ def train(hparams, run_opts, datasets):
     brain.train_sampler = train_sampler
     sched = hparams["lr_scheduler"]
     if sched.num_training_steps <= 0:  # total_updates: 0 = decay to zero at the end of the last epoch
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # DDP splits the batches between the processes
+        # DDP splits the batches between the processes
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         per_epoch = math.ceil(len(train_sampler) / world / hparams["grad_accumulation_factor"])
         sched.num_training_steps = per_epoch * hparams["number_of_epochs"]
         logger.info("total_updates: 0 -> %d (%d epochs x %d updates)", sched.num_training_steps,
