@@ -77,8 +77,9 @@ def training_folder(corpus: Path, out: Path) -> Path:
 
 
 def parse_recipe_args(extra) -> tuple:
-    """``--KEY=VALUE`` items -> ({KEY: VALUE}, [other --FLAGs]); ValueError on anything else."""
-    overrides, flags = {}, ["--noprogressbar"]
+    """``--KEY=VALUE`` items -> ({KEY: VALUE}, [other --FLAGs]); the last value of a KEY wins, as
+    it will in the recipe's command line. ValueError on anything else."""
+    overrides, flags = {}, []
     for arg in extra:
         key, sep, value = arg[2:].partition("=")
         if not arg.startswith("--") or not key:
@@ -98,6 +99,7 @@ def recipe_command(data: Path, out: Path, epochs: int, seed: int, teacher: str, 
             "acoustic_teacher": teacher}
     overrides, flags = parse_recipe_args(extra)
     args.update(overrides)  # the recipe's yaml parser refuses duplicate keys
+    flags = ["--noprogressbar"] + [f for f in flags if f != "--noprogressbar"]
     return [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "mert_tiny.yaml"),
             *(f"--{k}={v}" for k, v in args.items()), *flags]
 
@@ -197,10 +199,9 @@ def claim_output_folder(out: Path, settings: dict):
     if out.is_dir() and any(out.iterdir()):
         return (f"{out} is not empty and has no demo_settings.json (a run of an older version, or not a demo "
                 f"folder): pass --fresh to start it over, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, path)
+    from mert_plugin.corpus.tables import atomic_write_json
+
+    atomic_write_json(path, settings)  # creates ``out``
     return None
 
 
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
                          "too small to compare models")
     args = ap.parse_args(argv)
     try:
-        parse_recipe_args(args.recipe_arg)
+        overrides, flags = parse_recipe_args(args.recipe_arg)
     except ValueError as exc:
         ap.error(str(exc))
     out = Path(args.out).resolve()
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
         args.pieces, args.epochs = min(args.pieces, 6), 1
     problem = claim_output_folder(out, {"pieces": args.pieces, "epochs": args.epochs, "seed": args.seed,
                                         "acoustic_teacher": args.acoustic_teacher, "quick": args.quick,
-                                        "recipe_args": sorted(args.recipe_arg)})
+                                        "recipe_args": {"overrides": overrides, "flags": sorted(flags)}})
     if problem:
         ap.error(problem)
     seeds = (0, 1) if args.quick else (0, 1, 2)

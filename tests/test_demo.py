@@ -33,14 +33,16 @@ def test_quick_demo_runs_every_stage(tmp_path):
 
 
 def test_recipe_args_replace_the_demos_own_values(tmp_path):
-    from mert_plugin.demo import recipe_command
+    from mert_plugin.demo import parse_recipe_args, recipe_command
 
     cmd = recipe_command(tmp_path, tmp_path, 5, 1234, "fitted",
-                         ["--lr=0.0001", "--number_of_epochs=9", "--debug"])
+                         ["--lr=0.0001", "--number_of_epochs=9", "--debug", "--noprogressbar"])
     keys = [a.split("=", 1)[0] for a in cmd[3:]]
     assert len(keys) == len(set(keys)), cmd          # hyperpyyaml refuses duplicate keys
     assert "--number_of_epochs=9" in cmd and "--number_of_epochs=5" not in cmd
     assert "--lr=0.0001" in cmd and "--debug" in cmd
+    assert cmd.count("--noprogressbar") == 1
+    assert parse_recipe_args(["--lr=1", "--lr=2"]) == ({"lr": "2"}, [])   # the last value wins, as recorded
 
 
 def test_bad_recipe_arg_is_a_usage_error(tmp_path):
