@@ -16,7 +16,8 @@ import torch
 
 from mert_plugin.corpus import build_corpus, read_task_csv
 from mert_plugin.corpus.cli import main as corpus_main
-from mert_plugin.corpus.render import TIMBRES, Note, find_fluidsynth, notes_to_midi, render_synth
+from mert_plugin.corpus.render import (GM_INSTRUMENTS, TIMBRES, Note, bundled_soundfont, find_fluidsynth,
+                                       import_tinysoundfont, notes_to_midi, render_synth)
 from mert_plugin.corpus.scores import KEY_CLASSES, key_of, score_to_notes, transpose_key
 from mert_plugin.corpus.tables import CorpusError, assign_splits
 from mert_plugin.corpus.userdata import import_folder
@@ -53,8 +54,13 @@ def tree_digest(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file() and ".cache" not in p.parts}
 
 
+# The synth explicitly: `auto` picks the soundfont renderer where tinysoundfont is installed.
 SMALL = dict(num_pieces=3, composers=("bach", "mozart"), versions_per_piece=2, max_piece_seconds=6.0,
-             clip_seconds=2.0, note_variants=3, pitch_range=(57, 60), note_seconds=0.5, progress=False)
+             clip_seconds=2.0, note_variants=3, pitch_range=(57, 60), note_seconds=0.5, progress=False,
+             renderer="synth")
+HAS_SOUNDFONT = import_tinysoundfont() is not None and bundled_soundfont() is not None
+needs_soundfont = pytest.mark.skipif(not HAS_SOUNDFONT, reason="tinysoundfont or pretty_midi's TimGM6mb.sf2 "
+                                                               "not installed")
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +116,138 @@ def test_midi_writer_round_trips_through_music21():
 def test_fluidsynth_renderer_gives_audio_at_the_corpus_rate():
     from mert_plugin.corpus.render import render_fluidsynth
 
-    y = render_fluidsynth([Note(0.0, 0.5, 69, 100)], "organ", max_seconds=1.0)
+    y = render_fluidsynth([Note(0.0, 0.5, 69, 100)], "piano", max_seconds=1.0)
     assert y.dtype == np.float32 and 0 < len(y) <= SR and np.max(np.abs(y)) > 0.1
+
+
+# --------------------------------------------------------------------------- soundfont renderer
+
+def band_spectrum_db(y: np.ndarray, start_s: float = 0.1, seconds: float = 0.5) -> np.ndarray:
+    """Share of energy (dB) in third-octave bands from 100 Hz to 12.8 kHz of one excerpt."""
+    seg = y[int(start_s * SR):int((start_s + seconds) * SR)].astype(np.float64)
+    power = np.abs(np.fft.rfft(seg * np.hanning(len(seg)))) ** 2
+    f = np.fft.rfftfreq(len(seg), 1 / SR)
+    edges = 100.0 * 2 ** np.arange(0, 7.01, 1 / 3)
+    bands = np.array([power[(f >= lo) & (f < hi)].sum() for lo, hi in zip(edges[:-1], edges[1:])])
+    return 10 * np.log10(bands / bands.sum() + 1e-12)
+
+
+@needs_soundfont
+@pytest.mark.parametrize("instrument", list(GM_INSTRUMENTS))
+def test_soundfont_render_is_audible_and_deterministic(instrument):
+    from mert_plugin.corpus.render import _TSF_SYNTHS, render_soundfont
+
+    notes = [Note(0.0, 0.4, 55, 90), Note(0.3, 0.5, 62, 70), Note(0.6, 0.3, 71, 110)]
+    a = render_soundfont(notes, instrument, np.random.default_rng(1))
+    b = render_soundfont(notes, instrument, np.random.default_rng(1))
+    c = render_soundfont(notes, instrument, np.random.default_rng(2))
+    assert a.dtype == np.float32 and a.ndim == 1 and np.all(np.isfinite(a))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.max(np.abs(a)) == pytest.approx(0.9, abs=1e-3)  # peak-normalised
+    assert np.sqrt(np.mean(a[: int(0.9 * SR)].astype(np.float64) ** 2)) > 0.05  # sounding, not silence
+    # The cached synth is reused between renders: the result must equal a fresh synth's,
+    # also after a render that was cut while notes were still sounding.
+    render_soundfont([Note(0.0, 5.0, 40, 127), Note(0.0, 5.0, 84, 127)], "strings", np.random.default_rng(0),
+                     max_seconds=0.5)
+    after_cut = render_soundfont(notes, instrument, np.random.default_rng(1))
+    _TSF_SYNTHS.clear()
+    fresh = render_soundfont(notes, instrument, np.random.default_rng(1))
+    assert np.array_equal(a, after_cut) and np.array_equal(a, fresh)
+
+
+@needs_soundfont
+@pytest.mark.parametrize("instrument", list(GM_INSTRUMENTS))
+@pytest.mark.parametrize("midi", [45, 52, 60, 67, 74])
+def test_soundfont_note_has_the_pitch_of_its_midi_number(instrument, midi):
+    from mert_plugin.corpus.render import render_soundfont
+
+    y = render_soundfont([Note(0.0, 1.5, midi, 90)], instrument, np.random.default_rng(midi), max_seconds=2.0)
+    assert len(y) == 2 * SR
+    f0 = yin_f0(y[int(0.15 * SR):int(0.15 * SR) + 3000], SR)
+    assert abs(cents(f0, midi)) < 50, f"{instrument} {midi}: f0 {f0:.1f} Hz"
+
+
+@needs_soundfont
+def test_soundfont_programs_sound_different():
+    from mert_plugin.corpus.render import render_soundfont
+
+    for midi in (55, 67):
+        spectra = {i: band_spectrum_db(render_soundfont([Note(0.0, 1.0, midi, 90)], i, np.random.default_rng(0),
+                                                        reverb=False))
+                   for i in GM_INSTRUMENTS}
+        names = list(spectra)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                # measured: at least 9 dB RMS between third-octave spectra of any two programs
+                dist = np.sqrt(np.mean((spectra[a] - spectra[b]) ** 2))
+                assert dist > 4.0, f"{a} and {b} at MIDI {midi}: only {dist:.1f} dB apart"
+
+
+@needs_soundfont
+def test_soundfont_note_presets_differ():
+    from mert_plugin.corpus.render import render_soundfont
+
+    ys = [render_soundfont([Note(0.0, 1.5, 60, v)], "piano", np.random.default_rng(k), max_seconds=2.0)
+          for k, v in ((1, 70), (2, 110))]
+    # spectral tilt and room differ between presets, so their spectra do
+    assert np.sqrt(np.mean((band_spectrum_db(ys[0]) - band_spectrum_db(ys[1])) ** 2)) > 0.5
+
+
+def test_auto_falls_back_to_the_synth_without_tinysoundfont(monkeypatch, tmp_path):
+    import sys
+
+    from mert_plugin.corpus import RenderError, resolve_renderer
+
+    monkeypatch.setitem(sys.modules, "tinysoundfont", None)  # makes `import tinysoundfont` raise ImportError
+    assert import_tinysoundfont() is None
+    assert resolve_renderer("auto") == ("synth", None)
+    with pytest.raises(RenderError, match="tinysoundfont"):
+        resolve_renderer("soundfont")
+    m = build_corpus(tmp_path / "c", tasks=("pitch",), timbres=("flute", "pluck"), note_variants=3,
+                     pitch_range=(60, 60), note_seconds=0.3, progress=False)
+    assert m["renderer"] == "synth" and m["soundfont"] is None and m["soundfont_sha256"] is None
+    assert m["tasks"]["pitch"]["num_clips"]["train"] > 0
+
+
+@pytest.fixture(scope="module")
+def soundfont_corpus(tmp_path_factory):
+    if not HAS_SOUNDFONT:
+        pytest.skip("tinysoundfont or pretty_midi's TimGM6mb.sf2 not installed")
+    out = tmp_path_factory.mktemp("sf_corpus")
+    return out, build_corpus(out, seed=0, **{**SMALL, "renderer": "auto"})
+
+
+def test_soundfont_corpus_manifest_labels_and_pitches(soundfont_corpus):
+    out, m = soundfont_corpus
+    sf2 = bundled_soundfont()
+    assert m["renderer"] == "soundfont" and m["soundfont"] == sf2
+    assert m["soundfont_sha256"] == hashlib.sha256(Path(sf2).read_bytes()).hexdigest()
+    assert m["settings"]["tinysoundfont_version"]
+    assert m["tasks"]["instrument"]["classes"] == list(GM_INSTRUMENTS) == list(m["timbres"])
+    instruments = read_task_csv(out / "instrument.csv")
+    assert {label for (label,) in instruments.labels} <= set(GM_INSTRUMENTS)
+    for rel in instruments.paths[:4]:
+        y, sr = sf.read(out / rel)
+        assert sr == SR and len(y) == int(SMALL["clip_seconds"] * SR) and np.max(np.abs(y)) > 0.1
+    pitch = read_task_csv(out / "pitch.csv")
+    assert len(pitch) == len(GM_INSTRUMENTS) * SMALL["note_variants"] * 4
+    for rel, (label,) in zip(pitch.paths, pitch.labels):
+        y, _ = sf.read(out / rel)
+        assert len(y) == int(SMALL["note_seconds"] * SR)
+        assert abs(cents(yin_f0(y[int(0.1 * SR):int(0.1 * SR) + 3000], SR), int(label))) < 50, rel
+
+
+def test_soundfont_corpus_is_byte_identical_for_a_seed(soundfont_corpus, tmp_path):
+    out, _ = soundfont_corpus
+    build_corpus(tmp_path / "again", seed=0, **{**SMALL, "renderer": "soundfont"})  # = what auto picked
+    assert tree_digest(tmp_path / "again") == tree_digest(out)
+
+
+def test_synth_timbre_names_are_refused_by_the_soundfont_renderer(tmp_path):
+    if not HAS_SOUNDFONT:
+        pytest.skip("tinysoundfont or pretty_midi's TimGM6mb.sf2 not installed")
+    with pytest.raises(CorpusError, match="renderer synth"):
+        build_corpus(tmp_path / "c", tasks=("pitch",), timbres=("pluck",), progress=False)
 
 
 # --------------------------------------------------------------------------- scores and keys
@@ -336,6 +472,7 @@ def test_cli_fluidsynth_without_install_is_a_clear_error(tmp_path, capsys):
 
 def test_cli_builds_a_pitch_only_corpus(tmp_path, capsys):
     rc = corpus_main(["build", "--out", str(tmp_path / "o"), "--tasks", "pitch", "--timbres", "flute", "pluck",
+                      "--renderer", "synth",
                       "--note-variants", "3", "--pitch-min", "60", "--pitch-max", "61", "--note-seconds", "0.3",
                       "--quiet"])
     assert rc == 0 and "pitch" in capsys.readouterr().out

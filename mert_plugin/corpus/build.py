@@ -24,8 +24,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .render import (SAMPLE_RATE, SYNTH_VERSION, TIMBRES, Note, RenderError, find_fluidsynth,
-                     render_fluidsynth, render_synth, timbre_preset)
+from .render import (SAMPLE_RATE, SOUNDFONT_VERSION, SYNTH_VERSION, Note, RenderError, file_sha256,
+                     find_fluidsynth, find_soundfont, import_tinysoundfont, instrument_set, render_fluidsynth,
+                     render_soundfont, render_synth, timbre_preset)
 from .scores import (DEFAULT_BPM, DEFAULT_COMPOSERS, KEY_CLASSES, MODAL_COLLECTIONS, PITCH_CLASS_NAMES,
                      PieceInfo, candidate_order, parse_piece, transpose_key, transpose_notes)
 from .tables import (CorpusError, assign_splits, atomic_write_bytes, atomic_write_json,
@@ -35,7 +36,7 @@ ALL_TASKS = ("key", "composer", "instrument", "pitch")
 MANIFEST_FORMAT = "mert-corpus/1"
 PARSE_VERSION = 2          # bump when score_to_notes or key_of change, to invalidate cached parses
 SILENCE_RMS = 0.003        # clips quieter than this (about -50 dBFS) are dropped
-RENDERERS = ("auto", "synth", "fluidsynth")
+RENDERERS = ("auto", "synth", "soundfont", "fluidsynth")
 WAV_SUBTYPES = ("PCM_16", "FLOAT")
 
 
@@ -44,11 +45,33 @@ def rng_for(*parts) -> np.random.Generator:
 
 
 def resolve_renderer(renderer: str, soundfont: Optional[str] = None) -> Tuple[str, Optional[str]]:
-    """``(renderer, soundfont)`` actually used. ``auto`` always means the built-in synth:
-    the corpus must not change with whatever happens to be installed on a machine, so
-    fluidsynth is used only when asked for by name."""
+    """``(renderer, soundfont)`` actually used.
+
+    ``auto`` means ``soundfont`` when the pip-installable parts are there (the
+    tinysoundfont package, and ``soundfont`` or pretty_midi's bundled TimGM6mb.sf2),
+    else the built-in ``synth``. It never picks fluidsynth, nor a soundfont found in
+    the system folders: both depend on what the operating system has installed. The
+    manifest records the renderer and the soundfont's sha256, so two corpora can be
+    told apart."""
     if renderer not in RENDERERS:
         raise CorpusError(f"renderer must be one of {list(RENDERERS)}, got {renderer!r}")
+    if renderer == "auto":
+        path = find_soundfont(soundfont, system=False)
+        if soundfont and path is None:
+            raise RenderError(f"soundfont {soundfont!r} is not a file")
+        if path is not None and import_tinysoundfont() is not None:
+            return "soundfont", path
+        return "synth", None
+    if renderer == "soundfont":
+        if import_tinysoundfont() is None:
+            raise RenderError("renderer 'soundfont' was asked for but the tinysoundfont package is not installed "
+                              "(pip install --no-deps tinysoundfont; its pyaudio dependency is only for playback)")
+        path = find_soundfont(soundfont)
+        if path is None:
+            raise RenderError(f"soundfont {soundfont!r} is not a file" if soundfont else
+                              "renderer 'soundfont' found no .sf2/.sf3 soundfont (install pretty_midi, which "
+                              "ships TimGM6mb.sf2, or pass a soundfont path)")
+        return "soundfont", path
     if renderer == "fluidsynth":
         found = find_fluidsynth(soundfont)
         if found is None:
@@ -66,6 +89,9 @@ def render_notes(notes: Sequence[Note], timbre: str, rng: np.random.Generator, *
     if renderer == "fluidsynth":
         return render_fluidsynth(notes, timbre, sample_rate=sample_rate, soundfont=soundfont,
                                  max_seconds=max_seconds)
+    if renderer == "soundfont":
+        return render_soundfont(notes, timbre, rng, sample_rate=sample_rate, soundfont=soundfont, preset=preset,
+                                max_seconds=max_seconds)
     return render_synth(notes, timbre, rng, sample_rate=sample_rate, preset=preset, max_seconds=max_seconds)
 
 
@@ -242,10 +268,22 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
     from tqdm import tqdm
 
     tasks = tuple(tasks)
-    timbres = tuple(timbres) if timbres else tuple(TIMBRES)
-    _validate(tasks, timbres, composers, num_pieces, versions_per_piece, max_piece_seconds, clip_seconds,
+    _validate(tasks, composers, num_pieces, versions_per_piece, max_piece_seconds, clip_seconds,
               note_variants, pitch_range, note_seconds, sample_rate, wav_subtype)
+    asked = renderer
     renderer, soundfont = resolve_renderer(renderer, soundfont)
+    instruments = instrument_set(renderer)
+    timbres = tuple(timbres) if timbres else tuple(instruments)
+    bad = [t for t in timbres if t not in instruments]
+    if bad:
+        picked = f" ('{asked}' picked it here)" if asked == "auto" else ""
+        raise CorpusError(f"unknown instrument(s) {bad} for renderer '{renderer}'{picked}; choose from "
+                          f"{list(instruments)}" + ("" if renderer == "synth" else
+                                                    ", or pass --renderer synth for the synth's timbres"))
+    soundfont_sha256 = file_sha256(soundfont) if soundfont else None
+    # What the audio depends on besides the settings: cached units of another renderer,
+    # renderer version or soundfont file are never reused.
+    render_id = (renderer, SYNTH_VERSION if renderer == "synth" else SOUNDFONT_VERSION, soundfont_sha256)
     out = Path(out_dir)
     cache = out / ".cache"
     sr = sample_rate
@@ -281,7 +319,7 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                 timbre = unit_timbres[u]
                 key = transpose_key(info.key, shift)
                 stem = f"audio/pieces/{info.composer}/{_slug(info.piece)}/t{shift:+d}_{timbre}"
-                unit_key = stable_hash(SYNTH_VERSION, PARSE_VERSION, renderer, soundfont, sr, max_piece_seconds,
+                unit_key = stable_hash(*render_id, PARSE_VERSION, soundfont, sr, max_piece_seconds,
                                        default_bpm, clip_seconds, wav_subtype, seed, info.piece, v, shift, timbre)
 
                 def make_clips(info=info, shift=shift, timbre=timbre, v=v):
@@ -323,7 +361,7 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
         for group, timbre in groups.items():
             prng = rng_for(seed, "note-preset", group)
             preset, velocity = timbre_preset(prng), int(prng.integers(50, 121))
-            unit_key = stable_hash(SYNTH_VERSION, renderer, soundfont, sr, note_seconds, wav_subtype, seed,
+            unit_key = stable_hash(*render_id, soundfont, sr, note_seconds, wav_subtype, seed,
                                    group, pitch_range[0], pitch_range[1])
 
             def make_notes(group=group, timbre=timbre, preset=preset, velocity=velocity):
@@ -355,7 +393,8 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                f"transposed with the audio; modal collections {list(MODAL_COLLECTIONS)} and pieces whose key "
                f"correlation is below {key_min_correlation} are left out",
         "composer": "composer (music21 corpus folder) of the piece",
-        "instrument": "synth timbre the whole piece was rendered with",
+        "instrument": ("synth timbre the whole piece was rendered with" if renderer == "synth" else
+                       "General MIDI instrument (soundfont program) the whole piece was rendered with"),
         "pitch": "MIDI pitch of an isolated note (NSynth-like)",
     }
     manifest_tasks = {}
@@ -374,14 +413,16 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
         "seed": seed,
         "renderer": renderer,
         "soundfont": soundfont,
+        "soundfont_sha256": soundfont_sha256,
         "tasks": manifest_tasks,
-        "timbres": {t: TIMBRES[t].description for t in timbres},
+        "timbres": {t: instruments[t] for t in timbres},
         "settings": {"num_pieces": num_pieces, "composers": list(composers), "versions_per_piece": versions_per_piece,
                      "max_piece_seconds": max_piece_seconds, "transpose": transpose,
                      "note_variants": note_variants, "pitch_range": list(pitch_range), "note_seconds": note_seconds,
                      "wav_subtype": wav_subtype, "split_fractions": list(split_fractions),
                      "key_min_correlation": key_min_correlation, "default_bpm": default_bpm,
-                     "synth_version": SYNTH_VERSION},
+                     "synth_version": SYNTH_VERSION, "soundfont_version": SOUNDFONT_VERSION,
+                     "tinysoundfont_version": _package_version("tinysoundfont") if renderer == "soundfont" else None},
         "pieces": manifest_pieces,
         "note_presets": note_presets,
         "skipped_pieces": skipped,
@@ -393,14 +434,20 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
     return manifest
 
 
-def _validate(tasks, timbres, composers, num_pieces, versions, max_s, clip_s, note_variants, pitch_range,
+def _package_version(name: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _validate(tasks, composers, num_pieces, versions, max_s, clip_s, note_variants, pitch_range,
               note_s, sr, subtype) -> None:
     bad = [t for t in tasks if t not in ALL_TASKS]
     if bad or not tasks:
         raise CorpusError(f"unknown task(s) {bad or tasks}; choose from {list(ALL_TASKS)}")
-    bad = [t for t in timbres if t not in TIMBRES]
-    if bad:
-        raise CorpusError(f"unknown timbre(s) {bad}; choose from {list(TIMBRES)}")
     if not composers:
         raise CorpusError("at least one composer is needed")
     checks = [

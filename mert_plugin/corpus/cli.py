@@ -1,7 +1,7 @@
 """``mert-corpus``: build the default corpus or import a folder of user audio.
 
     mert-corpus build --out DIR [--num-pieces 20] [--clip-seconds 5] [--seed 0]
-                      [--renderer auto|synth|fluidsynth] [--tasks key composer instrument pitch] ...
+                      [--renderer auto|synth|soundfont|fluidsynth] [--tasks key composer instrument pitch] ...
     mert-corpus import --audio DIR --labels labels.csv --out DIR [--task NAME] [--clip-seconds 5]
     mert-corpus renderers          # which renderers this machine offers
 
@@ -19,7 +19,7 @@ from ..errors import run_cli
 
 def _parser() -> argparse.ArgumentParser:
     from .build import ALL_TASKS, RENDERERS, WAV_SUBTYPES
-    from .render import TIMBRES
+    from .render import GM_INSTRUMENTS, TIMBRES
     from .scores import DEFAULT_COMPOSERS
 
     p = argparse.ArgumentParser(prog="mert-corpus", description=__doc__.split("\n\n")[0])
@@ -35,10 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--clip-seconds", type=float, default=5.0)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--renderer", choices=RENDERERS, default="auto",
-                   help="auto = built-in synth; fluidsynth needs the binary and a GM soundfont")
-    b.add_argument("--soundfont", help="soundfont for --renderer fluidsynth (default: first found)")
+                   help="auto = soundfont when tinysoundfont and a soundfont (pretty_midi's TimGM6mb.sf2) are "
+                        "installed, else the built-in synth; fluidsynth needs the binary and a GM soundfont")
+    b.add_argument("--soundfont", help="soundfont for the soundfont/fluidsynth renderers "
+                                       "(default: pretty_midi's TimGM6mb.sf2, else the first found)")
     b.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS)
-    b.add_argument("--timbres", nargs="+", choices=list(TIMBRES), help="default: all")
+    b.add_argument("--timbres", nargs="+", choices=list(dict.fromkeys([*GM_INSTRUMENTS, *TIMBRES])),
+                   help=f"instrument classes (default: all of the renderer's). soundfont/fluidsynth: "
+                        f"{' '.join(GM_INSTRUMENTS)}; synth: {' '.join(TIMBRES)}")
     b.add_argument("--no-transpose", action="store_true", help="render pieces in their written key")
     b.add_argument("--note-variants", type=int, default=4, help="presets per timbre for the pitch task")
     b.add_argument("--pitch-min", type=int, default=48)
@@ -81,11 +85,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args) -> int:
     if args.command == "renderers":
-        from .render import find_fluidsynth
+        from .build import resolve_renderer
+        from .render import find_fluidsynth, find_soundfont, import_tinysoundfont
 
         found = find_fluidsynth()
-        print("synth       built in (default; 'auto' always uses it)")
+        sf2 = find_soundfont()
+        tsf = import_tinysoundfont() is not None
+        print("synth       built in (the fallback of 'auto')")
+        print("soundfont   " + ("available: tinysoundfont + " + sf2 if tsf and sf2 else
+                                "not available (" + ", ".join(
+                                    ([] if tsf else ["no tinysoundfont: pip install --no-deps tinysoundfont"])
+                                    + ([] if sf2 else ["no soundfont: pip install pretty_midi"])) + ")"))
         print(f"fluidsynth  {'available: ' + ' + '.join(found) if found else 'not available (no binary or soundfont)'}")
+        print(f"auto        {resolve_renderer('auto')[0]}")
         return 0
     t0 = time.perf_counter()
     if args.command == "build":

@@ -1,11 +1,15 @@
 """Note events -> mono float audio.
 
-Two renderers:
+Three renderers:
 
-* ``synth`` (built in, the default): six timbres made by additive / subtractive
+* ``synth`` (built in, the fallback): six timbres made by additive / subtractive
   synthesis and Karplus-Strong, ADSR envelopes and a short synthetic room reverb.
   Every random choice comes from the ``numpy.random.Generator`` passed in, so the
   same seed gives the same samples.
+* ``soundfont`` (pip only): sampled General MIDI instruments (:data:`GM_INSTRUMENTS`)
+  played by ``tinysoundfont`` from a SoundFont, by default the ``TimGM6mb.sf2`` that
+  the ``pretty_midi`` wheel ships. The same seeded room and brightness variation as
+  the synth are applied afterwards.
 * ``fluidsynth`` (optional): writes a Standard MIDI File and calls the
   ``fluidsynth`` binary with a General MIDI soundfont, when both are installed.
 
@@ -13,6 +17,8 @@ Shapes: audio is a 1-D ``float32`` array ``[num_samples]`` in [-1, 1].
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import math
 import os
 import shutil
@@ -31,6 +37,7 @@ from ..errors import MERTError
 SAMPLE_RATE = 24000
 # Bumped whenever the synthesis changes, so cached renders are not reused.
 SYNTH_VERSION = 2
+SOUNDFONT_VERSION = 1  # the same for the soundfont renderer (tinysoundfont + post-processing)
 SOUNDFONT_DIRS = ("/usr/share/sounds/sf2", "/usr/share/soundfonts", "/usr/share/sounds/sf3")
 
 
@@ -139,7 +146,7 @@ class Timbre:
     """A synth voice. ``synth(f0, n_hold, velocity, sr, rng, preset) -> [n_hold + release]``."""
 
     name: str
-    gm_program: int  # General MIDI program (0-based) used by the fluidsynth renderer
+    gm_program: int  # nearest General MIDI program (0-based); informational, see GM_INSTRUMENTS
     synth: Callable[..., np.ndarray]
     description: str
 
@@ -287,6 +294,209 @@ def finish(x: np.ndarray, sr: int, max_seconds: Optional[float], peak: float) ->
     return x.astype(np.float32)
 
 
+# --------------------------------------------------------------------------- General MIDI soundfont
+
+@dataclass(frozen=True)
+class GMInstrument:
+    """An instrument class of the sample-based renderers: one General MIDI program (0-based)."""
+
+    name: str
+    program: int
+    description: str
+
+
+# Six families that differ in how the sound is made (struck, plucked, bowed, lip reed,
+# cane reed, air jet). No organ: every organ of TimGM6mb (GM 16-19) sounds a 16' rank an
+# octave below the key, so an organ note's f0 is an octave below its MIDI label.
+GM_INSTRUMENTS: Dict[str, GMInstrument] = {
+    i.name: i
+    for i in (
+        GMInstrument("piano", 0, "GM program 0, acoustic grand piano (sampled)"),
+        GMInstrument("guitar", 24, "GM program 24, nylon-string acoustic guitar (sampled)"),
+        GMInstrument("strings", 48, "GM program 48, string ensemble (sampled)"),
+        GMInstrument("brass", 61, "GM program 61, brass section (sampled)"),
+        GMInstrument("reed", 71, "GM program 71, clarinet (sampled)"),
+        GMInstrument("flute", 73, "GM program 73, flute (sampled)"),
+    )
+}
+BUNDLED_SOUNDFONT = ("pretty_midi", "TimGM6mb.sf2")  # (package, file) of the pip-installed default
+SOUNDFONT_TAIL_S = 1.0  # rendered after the last note-off, for the release
+
+
+def instrument_set(renderer: str) -> Dict[str, str]:
+    """``{instrument class: description}`` of a renderer: the synth's timbres, or the GM
+    programs of the sample-based renderers (``soundfont``, ``fluidsynth``)."""
+    if renderer == "synth":
+        return {t.name: t.description for t in TIMBRES.values()}
+    return {i.name: i.description for i in GM_INSTRUMENTS.values()}
+
+
+def import_tinysoundfont():
+    """The ``tinysoundfont`` module, or ``None`` when it is not installed (or broken)."""
+    try:
+        import tinysoundfont
+    except ImportError:
+        return None
+    return tinysoundfont
+
+
+def bundled_soundfont() -> Optional[str]:
+    """Path of pretty_midi's General MIDI soundfont ``TimGM6mb.sf2``, or ``None``. The
+    package is located without importing it (its import needs mido and takes time)."""
+    package, name = BUNDLED_SOUNDFONT
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def find_soundfont(soundfont: Optional[str] = None, system: bool = True) -> Optional[str]:
+    """The soundfont a sample-based renderer uses: ``soundfont`` if given (``None`` if it is
+    not a file), else pretty_midi's bundled one, else (with ``system``) the first
+    ``.sf2``/``.sf3`` under :data:`SOUNDFONT_DIRS`, sorted by name so the choice is stable."""
+    if soundfont:
+        return soundfont if os.path.isfile(soundfont) else None
+    found = bundled_soundfont()
+    if found or not system:
+        return found
+    for d in SOUNDFONT_DIRS:
+        if os.path.isdir(d):
+            hits = sorted(p for p in Path(d).rglob("*") if p.suffix.lower() in (".sf2", ".sf3"))
+            if hits:
+                return str(hits[0])
+    return None
+
+
+_SHA_CACHE: Dict[Tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """sha256 (hex) of a file, cached by (path, size, mtime)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+# One loaded synth per (soundfont, rate): parsing TimGM6mb takes about 15 ms, too much for
+# every one of hundreds of note clips. Reuse is exact: every render starts from silence
+# (all sounds off and flushed at the end of the previous one) and selects its program,
+# and the tests check that a render equals the same render on a fresh synth.
+_TSF_SYNTHS: Dict[Tuple[str, int], tuple] = {}
+_TSF_FLUSH_S = 0.2
+
+
+def _tsf_synth(tsf, path: str, sample_rate: int):
+    key = (os.path.abspath(path), sample_rate)
+    if key not in _TSF_SYNTHS:
+        synth = tsf.Synth(samplerate=sample_rate)
+        try:
+            sfid = synth.sfload(path)
+        except Exception as exc:  # tinysoundfont raises a bare Exception on unreadable files
+            raise RenderError(f"tinysoundfont cannot load soundfont {path}: {exc}") from None
+        _TSF_SYNTHS.clear()  # keep one: a loaded soundfont holds its samples as floats
+        _TSF_SYNTHS[key] = (synth, sfid)
+    return _TSF_SYNTHS[key]
+
+
+def _tsf_render(synth, sfid: int, program: int, notes: Sequence[Note], n_total: int, sr: int) -> np.ndarray:
+    """Play ``notes`` (sample-accurate note-on/off events) on channel 0 with GM ``program``
+    for ``n_total`` samples; mono float64 ``[n_total]`` (the mean of the stereo output)."""
+    try:
+        synth.program_select(0, sfid, 0, program)
+    except Exception as exc:
+        raise RenderError(f"soundfont has no General MIDI program {program} (bank 0): {exc}") from None
+    events = []  # (sample, order, pitch, velocity); note-offs (order 0) before note-ons
+    for n in notes:
+        on = int(round(n.onset * sr))
+        if on >= n_total:
+            continue
+        off = max(on + 1, int(round((n.onset + n.duration) * sr)))
+        p, v = int(np.clip(n.pitch, 0, 127)), int(np.clip(n.velocity, 1, 127))
+        events.append((on, 1, p, v))
+        events.append((off, 0, p, 0))
+    events.sort()
+    buf = np.zeros(2 * n_total, dtype=np.float32)  # interleaved stereo, as tinysoundfont writes it
+    pos = 0
+    try:
+        for t, is_on, p, v in events:
+            t = min(t, n_total)
+            if t > pos:
+                synth.generate_simple(t - pos, buffer=memoryview(buf[2 * pos:2 * t]).cast("B"))
+                pos = t
+            if is_on:
+                synth.noteon(0, p, v)
+            else:
+                synth.noteoff(0, p)
+        if n_total > pos:
+            synth.generate_simple(n_total - pos, buffer=memoryview(buf[2 * pos:]).cast("B"))
+    finally:
+        synth.sounds_off()  # leave the synth silent for the next render
+        synth.generate_simple(int(_TSF_FLUSH_S * sr))
+    return buf.reshape(-1, 2).astype(np.float64).mean(axis=1)
+
+
+def tilt(x: np.ndarray, sr: int, brightness: float, corner_hz: float = 1000.0) -> np.ndarray:
+    """First-order spectral tilt: the part of ``x`` above ``corner_hz`` scaled by
+    ``brightness ** 2`` (0.8-1.2 gives about -3.9 to +3.2 dB), the part below unchanged."""
+    low = one_pole_lowpass(x, corner_hz, sr)
+    return low + brightness ** 2 * (x - low)
+
+
+def render_soundfont(notes: Sequence[Note], instrument: str, rng: np.random.Generator, *,
+                     sample_rate: int = SAMPLE_RATE, soundfont: Optional[str] = None,
+                     preset: Optional[Dict[str, float]] = None, max_seconds: Optional[float] = None,
+                     reverb: bool = True, peak: float = 0.9) -> np.ndarray:
+    """Render ``notes`` with the GM program of ``instrument`` (:data:`GM_INSTRUMENTS`) from a
+    SoundFont, played by tinysoundfont; returns ``float32 [num_samples]``.
+
+    ``soundfont`` defaults to pretty_midi's bundled ``TimGM6mb.sf2``. The render runs
+    until :data:`SOUNDFONT_TAIL_S` after the last note-off (or ``max_seconds``). Then,
+    as for the synth, ``preset`` (drawn from ``rng`` when not given) varies the
+    recording: a spectral tilt (``brightness``) and a seeded room (``rt60``, ``wet``).
+    The output is peak-normalised to ``peak`` and, with ``max_seconds``, cut there
+    with a 20 ms fade-out. tinysoundfont itself has no randomness, so the same
+    ``rng`` state gives the same samples.
+    """
+    if instrument not in GM_INSTRUMENTS:
+        raise RenderError(f"unknown instrument {instrument!r} for the soundfont renderer; "
+                          f"choose from {list(GM_INSTRUMENTS)}")
+    if not notes:
+        raise RenderError("nothing to render: no notes")
+    tsf = import_tinysoundfont()
+    if tsf is None:
+        raise RenderError("renderer 'soundfont' needs the tinysoundfont package "
+                          "(pip install --no-deps tinysoundfont; its pyaudio dependency is only for playback)")
+    path = find_soundfont(soundfont)
+    if path is None:
+        raise RenderError(f"renderer 'soundfont' needs a .sf2/.sf3 soundfont: {soundfont!r} is not a file"
+                          if soundfont else "renderer 'soundfont' found no soundfont: install pretty_midi "
+                          "(it ships TimGM6mb.sf2) or pass one")
+    sr = sample_rate
+    preset = preset or timbre_preset(rng)
+    if max_seconds is not None:
+        notes = [n for n in notes if n.onset < max_seconds]
+    end = max(n.onset + n.duration for n in notes) + SOUNDFONT_TAIL_S
+    if max_seconds is not None:
+        end = min(end, max_seconds + 0.05)  # a little past the cut, so finish() fades there
+    synth, sfid = _tsf_synth(tsf, path, sr)
+    out = _tsf_render(synth, sfid, GM_INSTRUMENTS[instrument].program, notes, int(round(end * sr)), sr)
+    out = tilt(out, sr, preset["brightness"])
+    if reverb:
+        out = room_reverb(out, sr, rng, preset["rt60"], preset["wet"])
+    return finish(out, sr, max_seconds, peak)
+
+
 # --------------------------------------------------------------------------- MIDI + fluidsynth
 
 def _vlq(value: int) -> bytes:
@@ -342,7 +552,8 @@ def find_fluidsynth(soundfont: Optional[str] = None) -> Optional[Tuple[str, str]
 def render_fluidsynth(notes: Sequence[Note], timbre: str, *, sample_rate: int = SAMPLE_RATE,
                       soundfont: Optional[str] = None, max_seconds: Optional[float] = None,
                       peak: float = 0.9, timeout: float = 300.0) -> np.ndarray:
-    """Render ``notes`` with fluidsynth using the GM program of ``timbre``; ``float32 [n]``."""
+    """Render ``notes`` with fluidsynth using the GM program of ``timbre`` (a name in
+    :data:`GM_INSTRUMENTS`); ``float32 [n]``."""
     import soundfile as sf
 
     found = find_fluidsynth(soundfont)
@@ -350,12 +561,12 @@ def render_fluidsynth(notes: Sequence[Note], timbre: str, *, sample_rate: int = 
         raise RenderError("renderer 'fluidsynth' needs the fluidsynth binary on PATH and a .sf2/.sf3 "
                           f"soundfont (given, or under {', '.join(SOUNDFONT_DIRS)})")
     binary, sf_path = found
-    if timbre not in TIMBRES:
-        raise RenderError(f"unknown timbre {timbre!r}; choose from {sorted(TIMBRES)}")
+    if timbre not in GM_INSTRUMENTS:
+        raise RenderError(f"unknown instrument {timbre!r} for fluidsynth; choose from {list(GM_INSTRUMENTS)}")
     with tempfile.TemporaryDirectory(prefix="mert-fluidsynth-") as tmp:
         mid, wav = os.path.join(tmp, "in.mid"), os.path.join(tmp, "out.wav")
         with open(mid, "wb") as f:
-            f.write(notes_to_midi(notes, TIMBRES[timbre].gm_program))
+            f.write(notes_to_midi(notes, GM_INSTRUMENTS[timbre].program))
         cmd = [binary, "-ni", "-q", "-r", str(sample_rate), "-g", "0.8", "-T", "wav", "-F", wav, sf_path, mid]
         try:
             proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
