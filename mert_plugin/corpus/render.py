@@ -486,6 +486,8 @@ def render_soundfont(notes: Sequence[Note], instrument: str, rng: np.random.Gene
     preset = preset or timbre_preset(rng)
     if max_seconds is not None:
         notes = [n for n in notes if n.onset < max_seconds]
+        if not notes:
+            raise RenderError(f"nothing to render: no note starts before {max_seconds} s")
     end = max(n.onset + n.duration for n in notes) + SOUNDFONT_TAIL_S
     if max_seconds is not None:
         end = min(end, max_seconds + 0.05)  # a little past the cut, so finish() fades there
