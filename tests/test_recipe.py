@@ -446,6 +446,121 @@ def test_torchrun_two_processes_gloo_killed_and_resumed(corpus, trained, tmp_pat
     MERTModel.from_pretrained(os.path.join(out, "export"))
 
 
+# ------------------------------------------------- DDP: few batches, uneven batches
+def _write_tracks(folder, n, seconds, sr=SR, ext="wav", stereo=False):
+    """``n`` tone-plus-noise tracks of ``seconds`` each (ogg written in 1 s blocks: libsndfile's
+    vorbis encoder crashes on one big write)."""
+    rng = np.random.default_rng(5)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        t = np.arange(int(seconds * sr)) / sr
+        x = 0.2 * np.sin(2 * np.pi * 110 * 2 ** (i / 4) * t) + 0.05 * rng.standard_normal(t.size)
+        x = (np.stack([x, 0.7 * x], axis=1) if stereo else x).astype(np.float32)
+        with sf.SoundFile(os.path.join(folder, f"track{i}.{ext}"), "w", sr, 2 if stereo else 1) as f:
+            for start in range(0, len(x), sr):
+                f.write(x[start:start + sr])
+
+
+def _torchrun(nproc):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", TRAIN]
+
+
+def _epochs_and_updates(out):
+    with open(os.path.join(out, "train_log.txt"), encoding="utf-8") as f:
+        lines = f.read().strip().splitlines()
+    return [line.split(",")[0] for line in lines], [int(line.split("updates: ")[1].split(" ")[0]) for line in lines]
+
+
+@pytest.mark.parametrize("n_batches,world", [(1, 2), (1, 3), (2, 3), (3, 2), (4, 2), (5, 4), (6, 3)])
+def test_ddp_batch_sampler_gives_every_process_the_same_number_of_whole_batches(n_batches, world):
+    """The wrapper the Brain uses under DDP (SpeechBrain's, fixed for a process that gets a single
+    batch): each process gets ceil(batches / processes) whole batches, padded by repeating batches,
+    together every batch; train.py derives total_updates from the same count."""
+    from speechbrain.dataio.sampler import DistributedSamplerWrapper
+
+    from speechbrain_recipes.MERT.data import batches_per_process, distributed_batch_sampler
+
+    class Batches:  # a batch sampler: yields lists of clip indices
+        def __init__(self):
+            self.epoch = None
+
+        def __iter__(self):
+            return iter([[2 * i, 2 * i + 1] for i in range(n_batches)])
+
+        def __len__(self):
+            return n_batches
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    sampler = Batches()
+    assert distributed_batch_sampler(sampler) is sampler  # single process: left alone
+    shares = []
+    for rank in range(world):
+        wrapped = distributed_batch_sampler(DistributedSamplerWrapper(sampler, num_replicas=world, rank=rank,
+                                                                      shuffle=True))
+        wrapped.set_epoch(3)
+        assert sampler.epoch == 3
+        share = list(wrapped)
+        assert len(share) == len(wrapped) == batches_per_process(n_batches, world)
+        assert all(isinstance(b, list) and b in list(sampler) for b in share), share
+        shares.append(share)
+    assert {tuple(b) for share in shares for b in share} == {tuple(b) for b in sampler}
+
+
+def test_manifest_without_rows_is_an_empty_dataset(tmp_path):
+    """A folder of one file (or valid_fraction: 0) has no validation rows; SpeechBrain's
+    from_csv fails on that, so the recipe's datasets would not be built."""
+    from speechbrain_recipes.MERT.data import make_dataset
+
+    path = tmp_path / "valid.csv"
+    path.write_text("ID,duration,path\n")
+    dataset = make_dataset(str(path), str(tmp_path))
+    assert len(dataset) == 0 and list(dataset) == []
+    assert len(dataset.filtered_sorted(key_test={"id": lambda i: True})) == 0
+
+
+@pytest.mark.slow
+def test_torchrun_few_long_files_fewer_batches_than_processes_then_resume(trained, tmp_path):
+    """Three long stereo ogg tracks (data preparation: 2 train, 1 valid): one batch an epoch
+    for two processes. SpeechBrain's DDP wrapper crashed here ('int' object is not iterable)."""
+    ref_out, _ = trained
+    data, out = str(tmp_path / "tracks"), str(tmp_path / "ddp")
+    _write_tracks(data, 3, 12.0, sr=44100, ext="ogg", stereo=True)
+    args = _recipe_args(data, out, "--distributed_backend=gloo",
+                        f"--teacher_state={ref_out}/teacher_state.safetensors")
+    log = _run(_torchrun(2) + args + ["--number_of_epochs=1"])
+    assert len(_read_csv(os.path.join(out, "train.csv"))) == 2 and len(_read_csv(os.path.join(out, "valid.csv"))) == 1
+    assert "total_updates: 0 -> 1 (1 epochs x 1 updates)" in log
+    assert _epochs_and_updates(out) == (["epoch: 1"], [1])
+    # Resumed for a second epoch from the end-of-epoch checkpoint.
+    last = _latest_complete_checkpoint(os.path.join(out, "save"))
+    log = _run(_torchrun(2) + args + ["--number_of_epochs=2"])
+    assert f"Loading a checkpoint from {last}" in log
+    assert _epochs_and_updates(out) == (["epoch: 1", "epoch: 2"], [1, 2])
+    from mert_plugin import MERTModel
+
+    MERTModel.from_pretrained(os.path.join(out, "export"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("files,world", [(2, 3), (3, 2)])
+def test_torchrun_uneven_batches(trained, tmp_path, files, world):
+    """One clip per batch (max_batch_length = crop_max_seconds), no validation split:
+    2 batches for 3 processes, 3 batches for 2; every process trains on ceil(batches / processes)."""
+    ref_out, _ = trained
+    data, out = str(tmp_path / "clips"), str(tmp_path / "ddp")
+    _write_tracks(data, files, 2.5)
+    per_process = -(-files // world)
+    log = _run(_torchrun(world) + _recipe_args(
+        data, out, "--distributed_backend=gloo", f"--teacher_state={ref_out}/teacher_state.safetensors",
+        "--valid_fraction=0.0", "--number_of_epochs=1", "--dynamic_batching={max_batch_length: 2.0}"))
+    assert len(_read_csv(os.path.join(out, "train.csv"))) == files
+    assert f"total_updates: 0 -> {per_process} (1 epochs x {per_process} updates)" in log
+    assert _epochs_and_updates(out) == (["epoch: 1"], [per_process])
+    assert os.path.isfile(os.path.join(out, "export", "model.safetensors"))
+
+
 # --------------------------------------------------------------- downstream
 def _write_pitch_task(folder, n=18):
     """Three pitch classes; CSV columns path,label,split (+ an extra column, as the demo corpus has)."""

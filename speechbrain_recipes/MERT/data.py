@@ -5,10 +5,13 @@
   from ``prepare_music.py`` (items ``{id, path, duration}``).
 * :func:`make_batch_sampler`: SpeechBrain's ``DynamicBatchSampler``, batching
   by the *cropped* duration (long files are cut to ``crop_max_seconds``).
-* :class:`CropCollate`: reads the audio and crops it. One crop length per
-  batch, drawn from [crop_min, crop_max] and capped by the batch's shortest
-  clip (the reference crops the batch to its shortest clip instead of padding),
-  so no clip is padded and conv 0's GroupNorm never sees padding. Each clip's
+* :func:`distributed_batch_sampler`: SpeechBrain's DDP wrapper of that sampler,
+  usable when a process gets a single batch (fewer batches than processes).
+* :class:`CropCollate`: reads the audio and crops it. Every clip of a batch
+  is cut to ``crop_seconds`` or, when the batch's shortest clip is shorter, to
+  that clip's length, as the reference does (fairseq ``RawAudioDataset`` with
+  ``pad=False``: ``min(shortest, max_sample_size)``), so no clip is padded and
+  conv 0's GroupNorm never sees padding. Each clip's
   start is a random multiple of the 320-sample hop, so offline labels (frame
   ``t`` of the whole file) are cut at frame ``start // 320``. The draws are a
   function of (seed, epoch, clip ids) only: identical across processes, data
@@ -16,6 +19,9 @@
 """
 from __future__ import annotations
 
+import csv
+import functools
+import math
 import random
 import zlib
 from dataclasses import dataclass, fields
@@ -32,10 +38,17 @@ from speechbrain_recipes.MERT import label_step
 
 
 def make_dataset(csv_path: str, data_folder: str):
-    """``DynamicItemDataset`` with output keys ``id``, ``path``, ``duration``."""
+    """``DynamicItemDataset`` with output keys ``id``, ``path``, ``duration`` (empty for a
+    manifest without rows, e.g. no validation split)."""
     from speechbrain.dataio.dataset import DynamicItemDataset
 
-    dataset = DynamicItemDataset.from_csv(csv_path, replacements={"data_root": data_folder})
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        empty = next(csv.DictReader(f), None) is None
+    if empty:  # SpeechBrain cannot build a dataset from no rows (IndexError): an empty view of one row
+        dataset = DynamicItemDataset({"-": {"path": "", "duration": 0.0}}).filtered_sorted(
+            key_test={"id": lambda _: False})
+    else:
+        dataset = DynamicItemDataset.from_csv(csv_path, replacements={"data_root": data_folder})
     dataset.set_output_keys(["id", "path", "duration"])
     return dataset
 
@@ -46,6 +59,46 @@ def make_batch_sampler(dataset, crop_max_seconds: float, **sampler_kwargs):
 
     lengths = [min(float(dataset.data[i]["duration"]), crop_max_seconds) for i in dataset.data_ids]
     return DynamicBatchSampler(dataset, lengths_list=lengths, **sampler_kwargs)
+
+
+def batches_per_process(num_batches: int, world_size: int) -> int:
+    """Batches each DDP process trains on per epoch: ``DistributedSampler`` (drop_last=False,
+    as SpeechBrain wraps a batch sampler) pads the batch list by repeating batches until
+    every process gets the same number."""
+    return math.ceil(num_batches / max(1, world_size))
+
+
+@functools.lru_cache(maxsize=None)  # one class (speechbrain is imported lazily, as elsewhere here)
+def _distributed_batch_sampler_class():
+    from speechbrain.dataio.sampler import DistributedSamplerWrapper
+    from torch.utils.data.distributed import DistributedSampler
+
+    class DistributedBatchSampler(DistributedSamplerWrapper):
+        """SpeechBrain's ``DistributedSamplerWrapper`` around a batch sampler, with the
+        process's share built as a list. The parent returns ``iter(itemgetter(*positions)(batches))``:
+        with one position (a process given a single batch, e.g. fewer batches than processes)
+        ``itemgetter`` returns that batch itself, so the loader iterated over its clip indices
+        (``TypeError: 'int' object is not iterable``). Padding, shuffling and ``set_epoch`` are
+        the parent's."""
+
+        def __iter__(self):
+            batches = list(self.sampler)
+            return iter([batches[i] for i in DistributedSampler.__iter__(self)])
+
+    return DistributedBatchSampler
+
+
+def distributed_batch_sampler(sampler):
+    """``sampler`` unchanged, unless it is SpeechBrain's ``DistributedSamplerWrapper``
+    (what ``Brain`` makes of a batch sampler under DDP): then the same wrapper, same
+    settings, whose iteration also works for a process that gets a single batch."""
+    from speechbrain.dataio.sampler import DistributedSamplerWrapper
+
+    if type(sampler) is not DistributedSamplerWrapper:
+        return sampler
+    return _distributed_batch_sampler_class()(
+        sampler.sampler, num_replicas=sampler.num_replicas, rank=sampler.rank, shuffle=sampler.shuffle,
+        seed=sampler.seed, drop_last=sampler.drop_last)
 
 
 @dataclass
@@ -85,8 +138,11 @@ class CropCollate:
     ---------
     config : MERTConfig
         The student's config (sample rate, hop, frame count).
-    crop_min_seconds, crop_max_seconds : float
-        Range of the per-batch crop length.
+    crop_seconds : float
+        Crop length (the reference's ``max_sample_size``); a batch whose
+        shortest clip is shorter is cut to that clip's length. Files shorter
+        than the reference's ``min_sample_size`` are left out earlier, by data
+        preparation (``min_duration``).
     label_folder : str, optional
         Offline labels (``mert_plugin.labels`` layout).
     load_codes, load_cqt : bool
@@ -97,16 +153,13 @@ class CropCollate:
         False for validation: the same crops every epoch.
     """
 
-    def __init__(self, config: MERTConfig, crop_min_seconds: float, crop_max_seconds: float,
-                 label_folder: Optional[str] = None, load_codes: bool = True, load_cqt: bool = True,
-                 seed: int = 0, vary_with_epoch: bool = True):
-        if not 0 < crop_min_seconds <= crop_max_seconds:
-            raise MERTError(f"need 0 < crop_min_seconds <= crop_max_seconds, got {crop_min_seconds}, "
-                            f"{crop_max_seconds}")
+    def __init__(self, config: MERTConfig, crop_seconds: float, label_folder: Optional[str] = None,
+                 load_codes: bool = True, load_cqt: bool = True, seed: int = 0, vary_with_epoch: bool = True):
+        if not crop_seconds > 0:
+            raise MERTError(f"crop_seconds must be > 0, got {crop_seconds}")
         self.config = config
         self.hop = config.hop_length
-        self.min_samples = self._to_hops(crop_min_seconds * config.sample_rate)
-        self.max_samples = self._to_hops(crop_max_seconds * config.sample_rate)
+        self.crop_samples = self._to_hops(crop_seconds * config.sample_rate)
         self.label_folder = label_folder
         self.load_codes = load_codes
         self.load_cqt = load_cqt
@@ -126,8 +179,7 @@ class CropCollate:
         rng = self.rng(ids)
         handles = [_AudioHandle(it["path"], self.config.sample_rate) for it in items]
         shortest = min(h.num_samples for h in handles) // self.hop * self.hop
-        length = rng.randrange(self.min_samples, self.max_samples + 1, self.hop)
-        length = min(length, shortest)
+        length = min(self.crop_samples, shortest)
         if length < self.config.receptive_field:
             raise MERTError(f"batch {ids}: clips too short to crop ({shortest} samples)")
         starts = [self.hop * rng.randint(0, (h.num_samples - length) // self.hop) for h in handles]

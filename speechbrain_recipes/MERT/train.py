@@ -13,7 +13,6 @@ process, then ``Brain.fit`` (resumes from the last checkpoint of
 ``<output_folder>/export`` (HF folder + SpeechBrain inference files).
 """
 import logging
-import math
 import sys
 
 import torch
@@ -28,7 +27,8 @@ from speechbrain.utils.distributed import run_on_main  # noqa: E402
 from mert_plugin.errors import MERTError  # noqa: E402
 from mert_plugin.speechbrain import save_inference_files  # noqa: E402
 from speechbrain_recipes.MERT import label_step  # noqa: E402
-from speechbrain_recipes.MERT.data import dataio_prepare, make_batch_sampler  # noqa: E402
+from speechbrain_recipes.MERT.data import (  # noqa: E402
+    batches_per_process, dataio_prepare, distributed_batch_sampler, make_batch_sampler)
 from speechbrain_recipes.MERT.prepare_music import prepare_music  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,17 @@ class MERTBrain(sb.Brain):
         if sched.current_step == 0:  # first update at the first warm-up value, not at the peak
             for group in self.optimizer.param_groups:
                 group["lr"] = sched.calculate_lr(1)
+
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        # Under DDP SpeechBrain wraps the batch sampler (DistributedSamplerWrapper: every process
+        # gets ceil(batches / processes), padded by repeating batches); that wrapper breaks for a
+        # process given a single batch, so it is swapped for the same wrapper, fixed.
+        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+        if "batch_sampler" in loader_kwargs:
+            loader_kwargs["batch_sampler"] = distributed_batch_sampler(loader_kwargs["batch_sampler"])
+            if self.distributed_launch:
+                self.train_sampler = loader_kwargs["batch_sampler"]  # Brain calls its set_epoch
+        return loader_kwargs
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
@@ -155,10 +166,15 @@ def train(hparams, run_opts, datasets):
     brain.train_sampler = train_sampler
     sched = hparams["lr_scheduler"]
     if sched.num_training_steps <= 0:  # total_updates: 0 = decay to zero at the end of the last epoch
-        # DDP splits the batches between the processes
+        # DDP gives every process the same number of batches (padded by repeating batches); the
+        # Brain steps after every grad_accumulation_factor-th batch and flushes the rest at the epoch's end.
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        per_epoch = math.ceil(len(train_sampler) / world / hparams["grad_accumulation_factor"])
-        sched.num_training_steps = per_epoch * hparams["number_of_epochs"]
+        per_process = batches_per_process(len(train_sampler), world)
+        per_epoch = per_process // hparams["grad_accumulation_factor"]
+        if per_epoch == 0:
+            logger.warning("an epoch holds %d batches per process, fewer than grad_accumulation_factor (%d): "
+                           "no update will be made", per_process, hparams["grad_accumulation_factor"])
+        sched.num_training_steps = max(1, per_epoch * hparams["number_of_epochs"])
         logger.info("total_updates: 0 -> %d (%d epochs x %d updates)", sched.num_training_steps,
                     hparams["number_of_epochs"], per_epoch)
     valid_loader = None
