@@ -1,43 +1,22 @@
 """Crash-safe outputs of ``mert-extract``: feature files, the manifest, the settings record.
 
-Every feature file is built under a temporary name next to its final path and
-renamed into place (``os.replace``) only when complete, so a killed run leaves
-either a finished ``.npy`` or nothing under the final name. Leftover
-temporaries (``NAME.npy.part-*``) are removed when that output is next worked on.
+Every feature file is built under a temporary name next to its final path
+(``.NAME.npy.PID.tmp``, see :mod:`mert_plugin.atomic`) and renamed into place
+only when complete, so a killed run leaves either a finished ``.npy`` or
+nothing under the final name. The temporaries of a killed run are removed when
+that output is next worked on.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-import socket
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from mert_plugin.atomic import (atomic_save_npy, atomic_write_text, commit, create_exclusive, discard, json_text,
+                                remove_stale_temporaries, temporary_path)
 from mert_plugin.errors import MERTError
-
-PART = ".part-"
-
-
-def part_name(final: str, suffix: str = "") -> str:
-    """Temporary name for ``final`` owned by this process."""
-    return f"{final}{PART}{socket.gethostname()}-{os.getpid()}{suffix}"
-
-
-def remove_stale_parts(final: str) -> None:
-    """Delete temporaries left for ``final`` by killed runs."""
-    for p in glob.glob(glob.escape(final) + PART + "*"):
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
-
-
-def _fsync_replace(tmp: str, final: str) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 class FeatureWriter:
@@ -59,10 +38,10 @@ class FeatureWriter:
         self._paths: List[str] = []
         self._sum: Optional[np.ndarray] = None
         os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
-        remove_stale_parts(final)
+        remove_stale_temporaries(final)
         if pooling == "none":
             for layer in range(num_layers):
-                path = part_name(final, "" if layer == 0 else f".layer{layer}")
+                path = temporary_path(final, "" if layer == 0 else f"layer{layer}")
                 f = open(path, "wb")
                 self._paths.append(path)
                 self._files.append(f)
@@ -88,10 +67,7 @@ class FeatureWriter:
             raise RuntimeError(f"{self.final}: wrote {self.frames} frames, expected {expected_frames}")
         if self.pooling == "mean":
             arr = (self._sum / max(self.frames, 1)).astype(self.dtype)
-            tmp = part_name(self.final)
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-            _fsync_replace(tmp, self.final)
+            atomic_save_npy(self.final, arr)
             return arr.shape
         shape = (self.layers, self.frames, self.dim)
         main = self._files[0]
@@ -106,11 +82,9 @@ class FeatureWriter:
             os.unlink(path)
         main.seek(0)
         main.write(_npy_header(shape, self.dtype, self.HEADER_BYTES))
-        main.flush()
-        os.fsync(main.fileno())
         main.close()
         self._files = []
-        os.replace(self._paths[0], self.final)
+        commit(self._paths[0], self.final)
         return shape
 
     def abort(self) -> None:
@@ -119,8 +93,7 @@ class FeatureWriter:
             f.close()
         self._files = []
         for p in self._paths:
-            if os.path.exists(p):
-                os.unlink(p)
+            discard(p)
 
 
 def _npy_header(shape: Sequence[int], dtype: np.dtype, total: int) -> bytes:
@@ -192,20 +165,12 @@ def check_settings(path: str, settings: Dict, overwrite: bool = False) -> None:
     folder, so it is refused unless ``overwrite``. Creation is atomic, so
     concurrent shards agree on one record.
     """
-    text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
-    if overwrite or not os.path.exists(path):
-        tmp = part_name(path)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        if overwrite:
-            os.replace(tmp, path)
-            return
-        try:
-            os.link(tmp, path)  # fails if another shard created it first
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+    text = json_text(settings)
+    if overwrite:
+        atomic_write_text(path, text)
+        return
+    if not os.path.exists(path):
+        create_exclusive(path, text.encode("utf-8"))  # another shard may have been first: then compare
     try:
         with open(path, encoding="utf-8") as f:
             old = json.load(f)

@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .atomic import atomic_path
 from .config import MERTConfig
 from .errors import CheckpointError, ConfigError
 
@@ -95,14 +96,11 @@ def save_pretrained(model, directory: str, safe_serialization: bool = True) -> N
     if safe_serialization:
         from safetensors.torch import save_file
 
-        name = "model.safetensors"
-        tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-        save_file(state, tmp, metadata={"format": "pt"})
+        with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
     else:
-        name = "pytorch_model.bin"
-        tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
-        torch.save(state, tmp)
-    os.replace(tmp, os.path.join(directory, name))
+        with atomic_path(os.path.join(directory, "pytorch_model.bin")) as tmp:
+            torch.save(state, tmp)
     model.config.save_json(os.path.join(directory, "config.json"))
 
 

@@ -11,6 +11,8 @@ import os
 import sys
 import sysconfig
 
+from .atomic import atomic_write_text
+
 PTH_NAME = "zz_mert_torchaudio_shim.pth"
 
 
@@ -24,10 +26,7 @@ def ensure_torchaudio_importable():
 def install_pth():
     site = sysconfig.get_paths()["purelib"]
     path = os.path.join(site, PTH_NAME)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("import _mert_torchaudio_shim\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "import _mert_torchaudio_shim\n")
     print(f"wrote {path}")
 
 

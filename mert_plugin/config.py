@@ -9,10 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
+from .atomic import atomic_write_json
 from .errors import ConfigError
 
 # Keys that appear in HF / MERT config.json files but do not change the encoder
@@ -230,11 +230,7 @@ class MERTConfig:
         return cls.from_dict(d, strict=strict, source=path)
 
     def save_json(self, path: str, model_type: str = "hubert") -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_hf_dict(model_type), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_hf_dict(model_type))
 
 
 PRESETS: Dict[str, MERTConfig] = {

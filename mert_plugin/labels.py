@@ -26,7 +26,6 @@ given, folders walked in sorted order), so every rank sees the same list.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .atomic import atomic_save_npy, atomic_write_json, remove_stale_temporaries
 from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
 from .errors import MERTError, run_cli
 from .teachers import ACOUSTIC_KINDS, LabelGenerator
@@ -112,31 +112,6 @@ def shard_from_env() -> Tuple[int, int]:
 
 
 # ------------------------------------------------------------------ writing
-def write_npy_atomic(path: str, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` via a hidden temporary file and a rename (never a partial file)."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _remove_stale_tmp(path: str) -> None:
-    folder, name = os.path.split(path)
-    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.tmp*")):
-        try:
-            os.remove(stale)
-        except OSError:
-            pass
-
-
 def _complete(path: str) -> bool:
     """True if ``path`` is a readable .npy file (header check only)."""
     try:
@@ -165,11 +140,7 @@ def _check_meta(out_dir: str, generator: LabelGenerator) -> None:
                             f"{theirs} vs {mine}; use another output folder")
         if not (mine["cqt"] and not theirs.get("cqt")):
             return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(mine, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, mine)
 
 
 # ------------------------------------------------------------------ labels
@@ -274,14 +245,14 @@ def _label_one(path: str, generator: LabelGenerator, device, missing: List[str],
     # CQT first: the codes file doubles as the "finished" mark in file listings.
     if cqt_path in missing:
         arr = cqt[0].float().clamp(max=FLOAT16_MAX).cpu().numpy().astype(np.float16)
-        _remove_stale_tmp(cqt_path)
-        write_npy_atomic(cqt_path, arr)
+        remove_stale_temporaries(cqt_path)
+        atomic_save_npy(cqt_path, arr)
     if codes_path in missing:
         arr = codes[0].cpu().numpy()
         if arr.size and int(arr.max()) > np.iinfo(np.int16).max:
             raise MERTError(f"codes up to {int(arr.max())} do not fit int16")
-        _remove_stale_tmp(codes_path)
-        write_npy_atomic(codes_path, arr.astype(np.int16))
+        remove_stale_temporaries(codes_path)
+        atomic_save_npy(codes_path, arr.astype(np.int16))
 
 
 # --------------------------------------------------------------------- CLI

@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_path, atomic_write_text
 from .compat import ensure_torchaudio_importable
 from .config import MERTConfig
 from .errors import ConfigError, MERTError
@@ -273,11 +274,7 @@ def save_inference_files(model: Union[MERTModel, str], directory: str, output_al
         output_all_hiddens=output_all_hiddens, layers=json.dumps(layers), output_norm=output_norm,
         normalize_wav=normalize_wav)
     paths = {"hparams": os.path.join(directory, INFERENCE_HPARAMS), "ckpt": os.path.join(directory, INFERENCE_CKPT)}
-    tmp = f"{paths['ckpt']}.tmp{os.getpid()}"
-    torch.save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, tmp)
-    os.replace(tmp, paths["ckpt"])
-    tmp = f"{paths['hparams']}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, paths["hparams"])
+    with atomic_path(paths["ckpt"]) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, tmp)
+    atomic_write_text(paths["hparams"], text)
     return paths

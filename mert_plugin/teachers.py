@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .atomic import atomic_path
 from .config import MERTConfig
 from .errors import CheckpointError, MERTError
 
@@ -526,11 +527,8 @@ class LabelGenerator(nn.Module):
             raise MERTError("only a fitted 'fitted' / 'mfcc-kmeans' teacher has a state to save")
         meta = {"format": STATE_FORMAT, "acoustic": self.acoustic_kind, "seed": str(self.acoustic.seed),
                 "codebook_size": str(self.codebook_size)}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-        save_file(self.acoustic.state_tensors(), tmp, metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(self.acoustic.state_tensors(), tmp, metadata=meta)
 
     def load_state(self, path: str) -> None:
         from safetensors import safe_open

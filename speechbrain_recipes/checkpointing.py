@@ -27,6 +27,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
+from mert_plugin.atomic import fsync_dir, fsync_file
 from mert_plugin.compat import ensure_torchaudio_importable
 from mert_plugin.config import MERTConfig
 from mert_plugin.errors import CheckpointError
@@ -70,19 +71,19 @@ class AtomicCheckpointer(sb_ckpt.Checkpointer):
             files = {}
             for entry in sorted(os.listdir(tmp)):
                 full = os.path.join(tmp, entry)
-                _fsync(full)
+                fsync_file(full)
                 files[entry] = os.path.getsize(full)
             meta = dict(meta)
             meta[MANIFEST_KEY] = files
             saved_meta = self._save_checkpoint_metafile(tmp / sb_ckpt.METAFNAME, meta, end_of_epoch)
-            _fsync(tmp / sb_ckpt.METAFNAME)
+            fsync_file(tmp / sb_ckpt.METAFNAME)
             old = None
             if final.exists():  # a reused custom name: move the old one aside first
                 old = final.with_name(PARTIAL_PREFIX + "old-" + final.name)
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             kind = "end-of-epoch" if end_of_epoch else "intra-epoch"
@@ -128,24 +129,6 @@ def checkpoint_problem(path) -> str:
         if os.path.getsize(full) != size:
             return f"{name} has {os.path.getsize(full)} bytes, expected {size}"
     return ""
-
-
-def _fsync(path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
 
 
 class RNGState:

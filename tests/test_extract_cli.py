@@ -216,7 +216,7 @@ def test_hostile_inputs_fail_by_name_and_the_rest_goes_on(models, tmp_path, caps
         assert got.shape == ref.shape and np.isfinite(got).all() and np.abs(got - ref).max() <= 1e-5, name
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*.npy"))
     assert written == sorted(_npy(n) for n in good)  # nothing for the bad ones
-    assert not [p for p in out.rglob("*") if ".part-" in p.name]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     failed = [r for r in _manifest(out) if r["status"] == "failed"]
     assert len(failed) == len(bad) + 1 and all(r["error"] for r in failed)
 
@@ -269,7 +269,7 @@ def test_sigkill_then_rerun_finishes_the_rest_and_rewrites_nothing(models, tmp_p
     final = _snapshot(out)
     assert all(final[k] == v for k, v in finished.items())
     assert sorted(final) == sorted(_npy(n) for n in names)
-    assert not [p for p in out.rglob("*") if ".part-" in p.name]  # temporaries of the killed runs are gone
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # temporaries of the killed runs are gone
     for name in names:
         ref = extract_features(model, load_audio(str(root / name), SR)).numpy()
         assert np.abs(np.load(out / _npy(name)) - ref).max() <= 1e-5
@@ -348,4 +348,4 @@ def test_output_path_blocked_by_a_folder_fails_that_input_only(models, tmp_path,
                    capsys)
     assert rc == cli.EXIT_FAILED and "cannot write" in err and "Traceback" not in err
     assert (out / "b.npy").is_file() and (out / "a.npy").is_dir()
-    assert not [p for p in out.rglob("*") if ".part-" in p.name]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]

@@ -1,4 +1,4 @@
-"""Task tables (one CSV per task), deterministic splits and atomic file writes.
+"""Task tables (one CSV per task) and deterministic splits.
 
 A task CSV has a header row and one row per clip:
 
@@ -20,12 +20,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 (old home, kept)
 from ..errors import MERTError
 
 SPLITS = ("train", "valid", "test")
@@ -35,32 +34,6 @@ MULTILABEL_SEP = ";"
 
 class CorpusError(MERTError, ValueError):
     """Bad corpus input: an unknown option, a malformed CSV, missing audio, ..."""
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary name in the same folder + ``os.replace``,
-    so a reader (or a crash) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    # sort_keys + fixed indent: same settings -> byte-identical manifest.
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- hashing / splits

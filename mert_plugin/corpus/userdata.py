@@ -14,10 +14,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_write_json
 from .build import MANIFEST_FORMAT, WAV_SUBTYPES, _write_wav
 from .render import SAMPLE_RATE
-from .tables import (MULTILABEL_SEP, CorpusError, TaskTable, atomic_write_json, read_task_csv,
-                     split_counts, write_task_csv)
+from .tables import MULTILABEL_SEP, CorpusError, TaskTable, read_task_csv, split_counts, write_task_csv
 
 
 def load_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from ..corpus.tables import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from ..errors import MERTError
 
 BASELINES = ("cqt", "mfcc")

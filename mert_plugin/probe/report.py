@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from ..corpus.tables import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .features import ProbeError
 
 # "key: value" where the key starts with a letter and may contain spaces/dots/dashes

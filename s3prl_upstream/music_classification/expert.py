@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
 
+from mert_plugin.atomic import atomic_write_text
 from mert_plugin.audio import load_audio
 from mert_plugin.errors import MERTError
 
@@ -164,8 +165,5 @@ class DownstreamExpert(nn.Module):
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["path", "label", "predicted"])
         writer.writerows(zip(records["path"], records["label"], records["predicted"]))
-        path = os.path.join(self.expdir, f"{split}_predictions.csv")
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)  # never a half-written predictions file
+        # never a half-written predictions file
+        atomic_write_text(os.path.join(self.expdir, f"{split}_predictions.csv"), buf.getvalue())

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from mert_plugin.atomic import atomic_write_json, atomic_write_text
 from mert_plugin.audio import AUDIO_EXTENSIONS, check_audio_path, find_audio_files
 from mert_plugin.errors import AudioError
 
@@ -72,8 +74,8 @@ def prepare_music(data_folder: str, save_folder: str, valid_fraction: float = 0.
     os.makedirs(save_folder, exist_ok=True)
     _write_csv(paths["train"], train)
     _write_csv(paths["valid"], valid)
-    _write_text(paths["skipped"], "".join(f"{p}\t{reason}\n" for p, reason in skipped))
-    _write_text(os.path.join(save_folder, OPTIONS_FILE), json.dumps(options, indent=2) + "\n")
+    atomic_write_text(paths["skipped"], "".join(f"{p}\t{reason}\n" for p, reason in skipped))
+    atomic_write_json(os.path.join(save_folder, OPTIONS_FILE), options, sort_keys=False)
     hours = sum(r[1] for r in rows) / 3600
     logger.info(f"Data preparation: {len(train)} train and {len(valid)} valid files ({hours:.2f} h); "
                 f"{len(skipped)} skipped" + (f", listed in {paths['skipped']}" if skipped else ""))
@@ -147,20 +149,12 @@ def split_rows(rows: List[Tuple[str, float]], valid_fraction: float):
 
 
 def _write_csv(path: str, rows: List[Tuple[str, float]]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_FIELDS)
-        for rel, duration in rows:
-            writer.writerow((rel, f"{duration:.3f}", f"$data_root/{rel}"))
-    os.replace(tmp, path)
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(CSV_FIELDS)
+    for rel, duration in rows:
+        writer.writerow((rel, f"{duration:.3f}", f"$data_root/{rel}"))
+    atomic_write_text(path, buf.getvalue())
 
 
 def _already_done(save_folder: str, options: dict, paths: Dict[str, str]) -> bool:
