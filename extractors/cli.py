@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import signal
 import sys
 import threading
 import zlib
@@ -37,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from mert_plugin.audio import find_audio_files
-from mert_plugin.errors import AudioError, MERTError
+from mert_plugin.errors import AudioError, MERTError, run_cli
 from mert_plugin.extract import Window
 
 from .onnx_model import OUTPUT_ALL, OUTPUT_LAST, OnnxMERT, fill_window, normalise_layers
@@ -382,28 +381,9 @@ def load_backend(args, window_seconds: Optional[float]):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)  # cluster pre-emption: clean up like Ctrl-C
-    try:
-        return run(args)
-    except MERTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted: finished outputs are kept; rerun the same command to do the rest", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("terminated: finished outputs are kept; rerun the same command to do the rest", file=sys.stderr)
-        return 143
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class _Terminated(BaseException):
-    pass
-
-
-def _raise_on_sigterm(signum, frame):
-    raise _Terminated()
+    rerun = "finished outputs are kept; rerun the same command to do the rest"
+    return run_cli(lambda: run(args), user_error_status=EXIT_USAGE, interrupted=f"interrupted: {rerun}",
+                   terminated=f"terminated: {rerun}")  # SIGTERM: a cluster's pre-emption, cleaned up like Ctrl-C
 
 
 def run(args) -> int:

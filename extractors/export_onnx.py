@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import sys
@@ -42,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mert_plugin.errors import MERTError
+from mert_plugin.atomic import json_text, pending_file, remove_stale_temporaries
+from mert_plugin.errors import MERTError, run_cli
 from mert_plugin.model import MERTModel, conv_output_lengths
 
 from .onnx_model import INPUT_LENGTHS, INPUT_NAME, OUTPUT_ALL, OUTPUT_LAST, PROP_PREFIX, metadata_path
@@ -182,18 +182,15 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
     if frames < 1:
         raise MERTError(f"a {window_seconds} s window ({window} samples) is shorter than one frame "
                         f"({cfg.receptive_field} samples)")
-    base = os.path.basename(output)
-    tmp_graph = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
     final_json = metadata_path(output)
-    tmp_json = os.path.join(folder, f".{os.path.basename(final_json)}.{os.getpid()}.tmp")
-    for name in (base, os.path.basename(final_json)):
-        _remove_dead_temporaries(folder, name)
+    for path in (output, final_json):
+        remove_stale_temporaries(path)  # a killed export leaves them (a graph can be hundreds of MB)
     # eval() on the exact module exported: dropout and layerdrop must be off in the graph.
     model.eval()
     wrapper = ExportWrapper(model).eval()
-    try:
-        output_ops = _export_graph(wrapper, tmp_graph, window, cfg, verbose)
-        diffs = check_parity(model, tmp_graph, window)
+    with pending_file(output) as graph, pending_file(final_json) as graph_json:
+        output_ops = _export_graph(wrapper, graph.path, window, cfg, verbose)
+        diffs = check_parity(model, graph.path, window)
         worst = max(diffs.values())
         if not worst <= tolerance:
             raise ParityError(f"ONNX export failed the parity check: max |onnxruntime - PyTorch| = {worst:.3g} "
@@ -201,42 +198,14 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
                               f"nothing was written to {output}")
         meta = build_metadata(model, output, window, diffs, tolerance, name=name, description=description,
                               weights_license=weights_license, source=source, output_ops=output_ops)
-        with open(tmp_json, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        with open(graph_json.path, "w", encoding="utf-8") as f:
+            f.write(json_text(meta, sort_keys=False))  # MTG's field order
         # Order matters for a kill between the renames: never pair a new graph with old metadata.
         if os.path.exists(final_json):
             os.unlink(final_json)
-        os.replace(tmp_graph, output)
-        os.replace(tmp_json, final_json)
+        graph.commit()
+        graph_json.commit()
         return meta
-    finally:
-        for p in (tmp_graph, tmp_json):
-            if os.path.exists(p):
-                os.unlink(p)
-
-
-def _remove_dead_temporaries(folder: str, name: str) -> None:
-    """Delete ``.NAME.PID.tmp`` files whose exporting process no longer exists (a killed export
-    cannot clean up after itself; a graph temporary can be hundreds of MB)."""
-    prefix = f".{name}."
-    for entry in os.listdir(folder):
-        pid = entry[len(prefix):-len(".tmp")] if entry.startswith(prefix) and entry.endswith(".tmp") else ""
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running (another export to the same file): leave its files alone
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, owned by someone else
-        try:
-            os.unlink(os.path.join(folder, entry))
-        except FileNotFoundError:
-            pass
 
 
 def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: bool) -> Dict[str, str]:
@@ -420,22 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: _run(args), user_error_status=1)
+
+
+def _run(args) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    try:
-        if args.preset:
-            model = MERTModel.from_preset(args.preset, seed=args.seed)
-            source = f"preset {args.preset} (random weights, seed {args.seed})"
-        else:
-            model = MERTModel.from_pretrained(args.model)
-            source = args.model
-        print(f"exporting {source} -> {args.output} ...", file=sys.stderr)
-        meta = export_onnx(model, args.output, window_seconds=args.window_seconds, name=args.name,
-                           description=args.description, weights_license=args.weights_license, source=source,
-                           verbose=args.verbose)
-    except MERTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.preset:
+        model = MERTModel.from_preset(args.preset, seed=args.seed)
+        source = f"preset {args.preset} (random weights, seed {args.seed})"
+    else:
+        model = MERTModel.from_pretrained(args.model)
+        source = args.model
+    print(f"exporting {source} -> {args.output} ...", file=sys.stderr)
+    meta = export_onnx(model, args.output, window_seconds=args.window_seconds, name=args.name,
+                       description=args.description, weights_license=args.weights_license, source=source,
+                       verbose=args.verbose)
     diff = max(meta["export"]["parity_max_abs_diff"].values())
     print(f"wrote {args.output} and {metadata_path(args.output)} (window {meta['inference']['window_samples']} "
           f"samples -> {meta['inference']['frames_per_window']} frames; parity max abs diff {diff:.2e})",

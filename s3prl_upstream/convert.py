@@ -17,7 +17,7 @@ import sys
 from typing import List, Optional
 
 from mert_plugin import MERTModel
-from mert_plugin.errors import MERTError
+from mert_plugin.errors import MERTError, run_cli
 
 
 def convert(source: str, output_dir: str, force: bool = False) -> str:
@@ -35,12 +35,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("output_dir", help="folder to write config.json + model.safetensors into")
     parser.add_argument("--force", action="store_true", help="overwrite a model already in output_dir")
     args = parser.parse_args(argv)
-    try:
-        out = convert(args.source, args.output_dir, args.force)
-    except MERTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
+    return run_cli(lambda: _run(args), user_error_status=1)
+
+
+def _run(args) -> int:
+    print(f"wrote {convert(args.source, args.output_dir, args.force)}")
     return 0
 
 

@@ -34,7 +34,7 @@ import sys
 import zipfile
 from typing import List, Optional
 
-from mert_plugin.errors import MERTError
+from mert_plugin.errors import MERTError, run_cli
 
 PREFIX = "[mert-s3prl]"
 
@@ -192,6 +192,10 @@ def check_runner_dependencies() -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(lambda: _run(argv), user_error_status=1)
+
+
+def _run(argv: List[str]) -> int:
     try:
         argv = prepare_argv(argv)
         check_runner_dependencies()
@@ -207,18 +211,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         sys.argv = [run_downstream.__file__] + argv
         run_downstream.main()
-    except MERTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except pickle.UnpicklingError as exc:
         # s3prl loads its checkpoints with torch.load(weights_only=True): a file holding
         # anything but tensors and plain data is refused, never unpickled.
         lines = [l for l in str(exc).splitlines() if "GLOBAL" in l or "global" in l]
         reason = lines[0].strip() if lines else type(exc).__name__
         source = _known_args(argv).past_exp or "checkpoint"
-        print(f"error: {source}: refused to load: it holds objects other than tensors and plain data "
-              f"({reason})", file=sys.stderr)
-        return 1
+        raise MERTError(f"{source}: refused to load: it holds objects other than tensors and plain data "
+                        f"({reason})") from None
     return 0
 
 
