@@ -9,11 +9,9 @@ all hidden states.
     .venv/bin/python bench/encoder_speed.py [--seconds 30] [--threads 2] [--repeats 3] [--preset mert-v1-95m]
 """
 import argparse
-import platform
-import statistics
-import time
 
 import torch
+from _common import alternate, machine_line
 
 
 def main():
@@ -49,31 +47,18 @@ def main():
     def run_ref():
         return ref(wav, output_hidden_states=True).hidden_states
 
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    times = {"mert_plugin": [], "transformers": []}
     with torch.inference_mode():
         a, b = run_ours(), run_ref()  # warm-up, and the parity figure
         diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(a[:-1], b[:-1]))
         diff = max(diff, (a[-1].float() - ref(wav).last_hidden_state.float()).abs().max().item())
         del a, b
-        for _ in range(args.repeats):
-            for name, fn in (("mert_plugin", run_ours), ("transformers", run_ref)):
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - t0)
+        timings = alternate({"mert_plugin": run_ours, "transformers": run_ref}, args.repeats, args.device)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"machine: {platform.machine()} {platform.processor() or ''} threads={args.threads} "
-          f"torch={torch.__version__} device={args.device} dtype={args.dtype}")
+    med = {k: timings.median(k) for k in timings.wall}
+    print(machine_line(threads=args.threads, device=args.device, dtype=args.dtype))
     print(f"clip: {args.seconds:.0f} s at {cfg.sample_rate} Hz, preset {args.preset}, repeats {args.repeats}")
     for k, v in med.items():
-        print(f"  {k:<13} median {v:7.2f} s  -> {args.seconds / v:7.1f} s audio / s   (runs: "
-              + ", ".join(f"{t:.2f}" for t in times[k]) + ")")
+        print(f"  {k:<13} median {v:7.2f} s  -> {args.seconds / v:7.1f} s audio / s   (runs: {timings.runs(k)})")
     print(f"speed-up (transformers / mert_plugin): {med['transformers'] / med['mert_plugin']:.2f}x")
     print(f"max |diff| over all hidden states: {diff:.2e}")
 

@@ -19,15 +19,13 @@ peak RSS from ``wait4``. Flat across lengths = bounded memory.
 """
 import argparse
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
+from _common import alternate, load_average, machine_line, timed
 
 SR = 24000
 
@@ -40,19 +38,6 @@ def music(seconds, rate=SR, channels=1, seed=0):
     x = sum(0.15 * np.sin(2 * np.pi * roots * r * t) for r in (1.0, 1.26, 1.5)) + 0.01 * rng.standard_normal(t.size)
     x = x.astype(np.float32)
     return np.stack([x, 0.8 * x], axis=1) if channels == 2 else x
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
-def timed_cpu(fn):
-    """(wall s, process CPU s) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def speed(args, graph_path, hf_dir, model):
@@ -84,31 +69,25 @@ def speed(args, graph_path, hf_dir, model):
     hf_states, ours = run_hf(), run_ours()
     onnx_vs_torch = float(np.abs(got - windowed).max())
     hf_vs_ours = max(float((a - b).abs().max()) for a, b in zip(hf_states, ours))
-    times = {"onnx": [], "hf": [], "ours": []}
-    cpu = {"onnx": [], "hf": [], "ours": []}
-    load = os.getloadavg()[0]
-    for _ in range(args.repeats):
-        for name, fn in (("onnx", run_onnx), ("hf", run_hf), ("ours", run_ours)):
-            wall, used = timed_cpu(fn)
-            times[name].append(wall)
-            cpu[name].append(used)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    best = {k: min(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    load = load_average()
+    timings = alternate({"onnx": run_onnx, "hf": run_hf, "ours": run_ours}, args.repeats)
+    med = {k: timings.median(k) for k in timings.wall}
+    best = {k: timings.best(k) for k in timings.wall}
+    med_cpu = {k: timings.median_cpu(k) for k in timings.wall}
     print(f"\n== speed: {args.seconds:g} s clip, {args.threads} threads, median of {args.repeats} "
           f"(after 1 warm-up) ==")
     print(f"  ONNX path (5 s windows, 1 s overlap, batch {args.batch_size}):  {med['onnx']:7.2f} s  "
-          f"(runs {', '.join(f'{t:.2f}' for t in times['onnx'])})")
+          f"(runs {timings.runs('onnx')})")
     print(f"  transformers.HubertModel (one pass):          {med['hf']:7.2f} s  "
-          f"(runs {', '.join(f'{t:.2f}' for t in times['hf'])})")
+          f"(runs {timings.runs('hf')})")
     print(f"  mert_plugin.MERTModel eager (one pass):       {med['ours']:7.2f} s  "
-          f"(runs {', '.join(f'{t:.2f}' for t in times['ours'])})")
+          f"(runs {timings.runs('ours')})")
     print(f"  ratio HubertModel / ONNX path = {med['hf'] / med['onnx']:.2f}x of medians, "
           f"{best['hf'] / best['onnx']:.2f}x of fastest runs   "
           f"(MERTModel / ONNX = {med['ours'] / med['onnx']:.2f}x, {best['ours'] / best['onnx']:.2f}x)")
     print(f"  process CPU s (median): ONNX {med_cpu['onnx']:.2f}, HubertModel {med_cpu['hf']:.2f}, "
           f"MERTModel {med_cpu['ours']:.2f}; ratio HubertModel / ONNX = {med_cpu['hf'] / med_cpu['onnx']:.2f}x")
-    print(f"  load average before / after: {load:.1f} / {os.getloadavg()[0]:.1f}")
+    print(f"  load average before / after: {load} / {load_average()}")
     print(f"  checks: ONNX vs windowed MERTModel max|diff| = {onnx_vs_torch:.2e}; "
           f"HubertModel vs MERTModel max|diff| = {hf_vs_ours:.2e}")
 
@@ -127,9 +106,8 @@ print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
 
 def peak_rss(cmd):
     """Run ``cmd``; return (exit code, wall seconds, peak RSS in MiB) of that command alone."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _LAUNCHER] + cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    wall, _, done = timed(lambda: subprocess.run([sys.executable, "-c", _LAUNCHER] + cmd, capture_output=True,
+                                                 text=True))
     rc, maxrss_kib = (int(v) for v in done.stdout.split())
     if rc != 0:
         print(done.stderr, file=sys.stderr)
@@ -183,8 +161,7 @@ def main():
     from extractors.export_onnx import export_onnx
     from mert_plugin import MERTModel
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible; "
-          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, transformers {transformers.__version__}")
+    print(machine_line(onnxruntime=onnxruntime.__version__, transformers=transformers.__version__))
     work = args.workdir or tempfile.mkdtemp(prefix="mert-onnx-bench-")
     os.makedirs(work, exist_ok=True)
     model = MERTModel.from_preset(args.preset, seed=0).eval()
@@ -193,7 +170,8 @@ def main():
         model.save_pretrained(hf_dir)
     graph = args.graph or os.path.join(work, f"{args.preset}.onnx")
     if not os.path.exists(graph):
-        seconds, meta = timed(lambda: export_onnx(model, graph, source=f"preset {args.preset} (random weights, seed 0)"))
+        seconds, _, meta = timed(lambda: export_onnx(model, graph,
+                                                     source=f"preset {args.preset} (random weights, seed 0)"))
         diff = max(meta["export"]["parity_max_abs_diff"].values())
         print(f"export: {seconds:.1f} s, {os.path.getsize(graph) / 2**20:.0f} MiB, parity max|diff| {diff:.2e}")
     if not args.skip_speed:

@@ -20,12 +20,9 @@ mostly measures the neighbours, so the process CPU time is printed too:
 """
 import argparse
 import logging
-import os
-import platform
-import statistics
-import time
 
 import torch
+from _common import alternate, load_average, machine_line
 
 
 def main():
@@ -37,7 +34,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    load = load_average()
     logging.basicConfig(level=logging.ERROR)  # the fitted teacher's warnings are expected here
 
     from mert_plugin.teachers import LabelGenerator
@@ -49,42 +46,28 @@ def main():
     wav = torch.randn(args.batch, int(args.seconds * 24000), device=args.device) * 0.1
     audio_seconds = args.batch * args.seconds
 
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     runs = {
         "encodec codes": lambda: gen.acoustic(wav),
         "cqt nnAudio (reference)": lambda: reference_cqt(wav),
         "cqt mert_plugin": lambda: gen.cqt(wav),
         "labels: codes + cqt": lambda: gen(wav),
     }
-    times = {name: [] for name in runs}
-    cpu = {name: [] for name in runs}
     with torch.inference_mode():
         ours, ref = gen.cqt(wav), reference_cqt(wav).transpose(1, 2)  # warm-up and parity
         rel = float((ours - ref).abs().max() / ref.abs().max())
         for fn in runs.values():
             fn()
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
-                sync()
-                t0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
+        timings = alternate(runs, args.repeats, args.device)
 
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} threads, device {args.device}")
+    print("# " + machine_line(threads=args.threads, device=args.device))
     print(f"# clip {args.batch} x {args.seconds:g} s, median of {args.repeats}; "
           f"CQT max rel diff vs nnAudio {rel:.1e}")
     print(f"# load average before the run: {load}")
     print(f"{'step':<26}{'median s':>10}{'x real time':>13}{'CPU s':>9}{'audio s / CPU s':>17}")
-    for name, ts in times.items():
-        med, cmed = statistics.median(ts), statistics.median(cpu[name])
+    for name in runs:
+        med, cmed = timings.median(name), timings.median_cpu(name)
         print(f"{name:<26}{med:>10.3f}{audio_seconds / med:>13.1f}{cmed:>9.3f}{audio_seconds / cmed:>17.1f}")
-    speedup = statistics.median(times["cqt nnAudio (reference)"]) / statistics.median(times["cqt mert_plugin"])
+    speedup = timings.median("cqt nnAudio (reference)") / timings.median("cqt mert_plugin")
     print(f"CQT speed-up over nnAudio's forward: {speedup:.2f}x")
 
 

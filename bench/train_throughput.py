@@ -17,12 +17,10 @@ CPU does on one large matmul).
     python bench/train_throughput.py --device cuda --precision bf16 --batch 16 --seconds 5
 """
 import argparse
-import math
-import platform
 import statistics
-import time
 
 import torch
+from _common import alternate, machine_line, timed
 from torch import nn
 
 PEAK_TFLOPS = {  # dense bf16/fp16 tensor-core peaks from the vendors' data sheets
@@ -64,11 +62,7 @@ def measure_cpu_peak(threads: int) -> float:
     """FLOP/s of a 2048^3 fp32 matmul on this CPU (best of 3)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+    best = min(timed(lambda: a @ b)[0] for _ in range(3))
     return 2 * 2048 ** 3 / best
 
 
@@ -178,41 +172,29 @@ def main():
         model, opt = build(student, objective, device)
         steps[name] = make_step(model, opt, wav, codes, cqt, device, precision)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    times = {k: [] for k in steps}
-    masked = {k: [] for k in steps}
     for name, step in steps.items():
         for _ in range(args.warmup):
             step()
-    for _ in range(args.steps):  # alternate, so that load on a shared machine hits both alike
-        for name, step in steps.items():
-            torch.manual_seed(len(times[name]))  # same masks and noise for both models
-            sync()
-            t0 = time.perf_counter()
-            masked[name].append(step())
-            sync()
-            times[name].append(time.perf_counter() - t0)
+    # Same masks and noise for both models: each round starts from the same seed.
+    timings = alternate(steps, args.steps, device, before=lambda name, round_: torch.manual_seed(round_),
+                        keep_results=True)
 
     if device.type == "cuda":
         peak, peak_note = gpu_peak(device), f"{torch.cuda.get_device_name(device)} dense bf16/fp16 data-sheet peak"
     else:
         peak, peak_note = measure_cpu_peak(args.threads), "fp32 2048^3 matmul measured in this run"
     audio_s = args.batch * n / ours.sample_rate
-    print(f"machine: {platform.machine()} {platform.processor() or ''} threads={args.threads} "
-          f"torch={torch.__version__} device={device} precision={precision}")
+    print(machine_line(threads=args.threads, device=device, precision=precision))
     print(f"model: {args.preset} ({sum(p.numel() for p in ours.parameters()) / 1e6:.1f} M), batch {args.batch} x "
           f"{n / ours.sample_rate:.2f} s = {audio_s:.1f} s audio/step, {frames} frames/clip, steps {args.steps}")
     print(f"peak: {peak / 1e12:.2f} TFLOP/s ({peak_note})")
     med = {}
     for name in steps:
-        med[name] = statistics.median(times[name])
-        flops = 3 * forward_flops(ours.config, objective, args.batch, n, statistics.mean(masked[name]))
+        med[name] = timings.median(name)
+        flops = 3 * forward_flops(ours.config, objective, args.batch, n, statistics.mean(timings.results[name]))
         print(f"  {name:<13} median {med[name]:7.3f} s/step  {audio_s / med[name]:8.2f} "
               f"audio-h/h  {flops / 1e12:.3f} TFLOP/step  {flops / med[name] / 1e12:7.3f} TFLOP/s  "
-              f"MFU {flops / med[name] / peak:6.1%}   (runs: " + ", ".join(f"{t:.3f}" for t in times[name]) + ")")
+              f"MFU {flops / med[name] / peak:6.1%}   (runs: {timings.runs(name, 3)})")
     if "transformers" in med:
         print(f"speed-up (transformers / mert_plugin): {med['transformers'] / med['mert_plugin']:.2f}x")
 
