@@ -245,6 +245,45 @@ def test_s3prl_common_upstream_checks(registered, tiny_ckpt):
         assert len(_pseudo_features(model, seed=seed)) == len(hs), "layer count must not change in train mode"
 
 
+def _backward_through_layer0(forward, mert):
+    """Run ``forward`` (-> hidden states), back-propagate, return the most frames layer 0's
+    attention saw in one call.
+
+    The loss is a fixed random projection of every hidden state, not ``sum(h.sum())`` (s3prl's
+    test): each hidden state leaves a LayerNorm whose weights start at 1 and 0, so its sum over
+    the features is constant and that loss's gradient is rounding noise (~1e-8 here)."""
+    frames = []
+    hook = mert.encoder.layers[0].attention.register_forward_hook(lambda m, args, out: frames.append(args[0].shape[1]))
+    try:
+        hs = forward()
+    finally:
+        hook.remove()
+    g = torch.Generator().manual_seed(1)
+    sum((h * torch.randn(h.shape[-1], generator=g)).sum() for h in hs).backward()
+    return max(frames)
+
+
+def _assert_layer0_gradients(mert, frames):
+    layer = mert.encoder.layers[0]
+    att, ff = layer.attention, layer.feed_forward
+    value = att.v_proj.weight.grad.abs().max()
+    # Fine-tuning reaches the values, the output projection and the feed-forward layers for any input
+    # (orders of magnitude above rounding noise).
+    for name, lin in [("v_proj", att.v_proj), ("out_proj", att.out_proj), ("intermediate_dense", ff.intermediate_dense),
+                      ("output_dense", ff.output_dense)]:
+        assert lin.weight.grad.abs().max() > 1e-3, name
+    # Queries and keys only with two frames or more: softmax over a single key is 1 whatever the score,
+    # so for a one-frame input their gradient is zero (up to rounding).
+    for name, lin in [("q_proj", att.q_proj), ("k_proj", att.k_proj)]:
+        grad = lin.weight.grad.abs().max()
+        if frames >= 2:
+            assert grad > 1e-4 * value, (name, frames, float(grad), float(value))
+        else:
+            assert grad <= 1e-6 * value, (name, frames, float(grad), float(value))
+    # feature_grad_mult=0 (s3prl's hubert convention): the conv stem gets no gradient
+    assert not mert.feature_extractor.conv_layers[0].conv.weight.grad.any()
+
+
 @pytest.mark.parametrize("n,min_secs,max_secs", [(1, 0.05, 0.05), (2, 0.05, 0.05), (3, 0.05, 1.0),
                                                  (2, 0.001, 0.001)])
 def test_s3prl_forward_backward(registered, tiny_ckpt, n, min_secs, max_secs):
@@ -252,12 +291,24 @@ def test_s3prl_forward_backward(registered, tiny_ckpt, n, min_secs, max_secs):
 
     with torch.autograd.set_detect_anomaly(True):
         model = S3PRLUpstream("mert", path_or_url=tiny_ckpt)  # left in train mode, as s3prl's test
-        hs = _pseudo_features(model, n=n, min_secs=min_secs, max_secs=max_secs)
-        sum(h.sum() for h in hs).backward()
-    mert = model.upstream.model
-    assert mert.encoder.layers[0].attention.q_proj.weight.grad.abs().sum() > 0  # fine-tuning reaches it
-    # feature_grad_mult=0 (s3prl's hubert convention): the conv stem gets no gradient
-    assert not mert.feature_extractor.conv_layers[0].conv.weight.grad.any()
+        mert = model.upstream.model
+        frames = _backward_through_layer0(
+            lambda: _pseudo_features(model, n=n, min_secs=min_secs, max_secs=max_secs), mert)
+    assert frames >= 2  # S3PRLUpstream pads clips under 0.05 s: at least 3 frames
+    _assert_layer0_gradients(mert, frames)
+
+
+@pytest.mark.parametrize("lengths,expected_frames", [([300], 1), ([300, 300], 1), ([480], 2), ([480, 300], 2)])
+def test_upstream_backward_one_and_two_frames(registered, tiny_ckpt, lengths, expected_frames):
+    """The expert called directly (no S3PRLUpstream padding): 300 samples at 16 kHz are one
+    frame at 24 kHz, 480 are two."""
+    import s3prl.hub
+
+    upstream = s3prl.hub.mert(ckpt=tiny_ckpt).train()
+    frames = _backward_through_layer0(
+        lambda: upstream([_wav(n, seed) for seed, n in enumerate(lengths)])["hidden_states"], upstream.model)
+    assert frames == expected_frames
+    _assert_layer0_gradients(upstream.model, frames)
 
 
 def test_frame_counts_match_downsample_rate(upstream):
