@@ -387,7 +387,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
+    from mert_plugin.progress import progress_bar
 
     shard = parse_shard(args.shard)
     if args.batch_size < 1:
@@ -440,7 +440,7 @@ def run(args) -> int:
         jobs.append(Job(path, name, final))
 
     total = len(jobs) + len(problems)
-    with tqdm(total=total, unit="file", disable=True if args.no_progress else None, dynamic_ncols=True) as bar:
+    with progress_bar(total=total, unit="file", disable=args.no_progress) as bar:
         extractor = Extractor(backend, out_dir, manifest, args.pooling, np.dtype(args.dtype), args.batch_size, bar)
         for path, name, reason in problems:
             extractor.record_failure(path, name, reason)

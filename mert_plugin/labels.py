@@ -179,7 +179,7 @@ def generate_labels(inputs: Union[Sequence[str], Sequence[Tuple[str, str]]], out
     Returns:
         :class:`Summary` for this shard.
     """
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     rank, world = shard
     if not (world >= 1 and 0 <= rank < world):
@@ -207,8 +207,8 @@ def generate_labels(inputs: Union[Sequence[str], Sequence[Tuple[str, str]]], out
     mine = jobs[rank::world]
     summary.total = len(mine)
     device = next(iter(generator.buffers()), torch.zeros(())).device
-    bar = tqdm(mine, disable=not progress, unit="file", desc=f"labels {rank}/{world}" if world > 1 else "labels",
-               file=sys.stderr)
+    bar = progress_bar(mine, disable=not progress, unit="file",
+                       desc=f"labels {rank}/{world}" if world > 1 else "labels", file=sys.stderr)
     for path, rel, reason in bar:
         if reason is None:
             codes_path, cqt_path = label_paths(out_dir, rel)

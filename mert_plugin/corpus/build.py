@@ -159,7 +159,7 @@ def select_pieces(composers: Sequence[str], num_pieces: int, seed: int, *, cache
     an already chosen piece (same opening, see :meth:`PieceInfo.fingerprint`) is skipped
     and reported. Returns ``(pieces, skipped)``.
     """
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     candidates = {c: iter(candidate_order(c, seed)) for c in composers}
     chosen: List[PieceInfo] = []
@@ -183,7 +183,7 @@ def select_pieces(composers: Sequence[str], num_pieces: int, seed: int, *, cache
         return None
 
     active = list(composers)
-    with tqdm(total=num_pieces, desc="scores", unit="piece", disable=not progress) as bar:
+    with progress_bar(total=num_pieces, desc="scores", unit="piece", disable=not progress) as bar:
         while active and len(chosen) < num_pieces:
             for composer in list(active):
                 if len(chosen) >= num_pieces:
@@ -265,7 +265,7 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
     ``stable_hash(seed, "<timbre>/v<variant>")``, so a preset's notes all share a split
     and test presets are never heard in training.
     """
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     tasks = tuple(tasks)
     _validate(tasks, composers, num_pieces, versions_per_piece, max_piece_seconds, clip_seconds,
@@ -306,7 +306,7 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
         tonics = plan_tonics(pieces, splits, in_key_task, versions_per_piece, seed)
         unit_timbres = _balanced(list(timbres), n_units, rng_for(seed, "timbres"))
         n_clip = int(round(clip_seconds * sr))
-        bar = tqdm(total=n_units, desc="render pieces", unit="version", disable=not progress)
+        bar = progress_bar(total=n_units, desc="render pieces", unit="version", disable=not progress)
         for i, info in enumerate(pieces):
             entry = {"piece": info.piece, "composer": info.composer, "split": splits[info.piece],
                      "key": info.key, "key_correlation": round(info.key_correlation, 4),
@@ -357,7 +357,7 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
         note_splits = assign_splits(groups, seed, split_fractions, strata=groups)
         n_note = int(round(note_seconds * sr))
         hold = 0.75 * note_seconds  # key down for 3/4 of the clip, then the release rings out
-        bar = tqdm(total=len(groups), desc="render notes", unit="preset", disable=not progress)
+        bar = progress_bar(total=len(groups), desc="render notes", unit="preset", disable=not progress)
         for group, timbre in groups.items():
             prng = rng_for(seed, "note-preset", group)
             preset, velocity = timbre_preset(prng), int(prng.integers(50, 121))

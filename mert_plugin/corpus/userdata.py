@@ -55,7 +55,7 @@ def import_folder(audio_dir, labels_csv, out_dir, *, task: Optional[str] = None,
 
     Returns the manifest.
     """
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     audio_dir, out = Path(audio_dir), Path(out_dir)
     if not audio_dir.is_dir():
@@ -72,7 +72,7 @@ def import_folder(audio_dir, labels_csv, out_dir, *, task: Optional[str] = None,
                           f"under {audio_dir}, e.g. {missing[:3]}")
     n_clip = int(round(clip_seconds * sample_rate)) if clip_seconds else None
     rows: List[Dict[str, object]] = []
-    for i in tqdm(range(len(table)), desc=f"import {table.name}", unit="file", disable=not progress):
+    for i in progress_bar(range(len(table)), desc=f"import {table.name}", unit="file", disable=not progress):
         audio = load_audio(audio_dir / table.paths[i], sample_rate)
         stem = "audio/" + Path(table.paths[i]).with_suffix("").as_posix()
         if n_clip and len(audio) >= n_clip:

@@ -144,7 +144,7 @@ def handcrafted_features(audio_root, rel_paths: Sequence[str], kind: str, sample
                          progress: bool = True) -> np.ndarray:
     """Compute a hand-crafted baseline for every clip: ``float32 [N, 1, D]``.
     Audio that is not at ``sample_rate`` is resampled (soxr), stereo is averaged."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     from ..corpus.userdata import load_audio
 
@@ -155,6 +155,6 @@ def handcrafted_features(audio_root, rel_paths: Sequence[str], kind: str, sample
                          f"under {audio_root}, e.g. {missing[:3]}")
     extract = HandcraftedExtractor(kind, sample_rate)
     rows: List[np.ndarray] = []
-    for p in tqdm(rel_paths, desc=f"baseline {kind}", unit="clip", disable=not progress):
+    for p in progress_bar(rel_paths, desc=f"baseline {kind}", unit="clip", disable=not progress):
         rows.append(extract(load_audio(audio_root / p, sample_rate)))
     return np.stack(rows)
