@@ -7,13 +7,16 @@ the official MERT examples use) with ``resampler="torchaudio"``.
 from __future__ import annotations
 
 import glob
+import logging
 import os
-from typing import Iterable, List, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .errors import AudioError
+
+logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".opus")
 MIN_SAMPLES = 400  # receptive field of one MERT frame
@@ -104,16 +107,28 @@ def resample(wav: np.ndarray, orig_sr: int, new_sr: int, resampler: str = "soxr"
     raise AudioError(f"unknown resampler {resampler!r} (use 'soxr' or 'torchaudio')")
 
 
-def find_audio_files(inputs: Sequence[str], extensions: Iterable[str] = AUDIO_EXTENSIONS) -> List[tuple]:
+def find_audio_files(inputs: Sequence[str], extensions: Iterable[str] = AUDIO_EXTENSIONS,
+                     unreadable: Optional[List[Tuple[str, str]]] = None) -> List[tuple]:
     """Expand files, folders (recursive) and glob patterns into ``(path, relative_name)`` pairs.
 
     ``relative_name`` is the path relative to the folder it was found in (or the
     file name for explicit files), used to mirror the folder structure in outputs.
     Missing inputs are returned with ``relative_name=None`` so the caller can
-    report them without stopping.
+    report them without stopping. A folder that cannot be listed (permissions,
+    I/O error) is never skipped silently: ``(folder, reason)`` is appended to
+    ``unreadable`` when the caller passes a list (and reports it), otherwise a
+    warning naming the folder is logged.
     """
     exts = tuple(e.lower() for e in extensions)
     out, seen = [], set()
+
+    def cannot_list(exc: OSError):
+        folder = exc.filename if exc.filename is not None else "?"
+        reason = exc.strerror or type(exc).__name__
+        if unreadable is not None:
+            unreadable.append((str(folder), reason))
+        else:
+            logger.warning(f"cannot read folder {folder} ({reason}); its audio files are skipped")
 
     def add(path, rel):
         key = os.path.abspath(path)
@@ -123,7 +138,7 @@ def find_audio_files(inputs: Sequence[str], extensions: Iterable[str] = AUDIO_EX
 
     for item in inputs:
         if os.path.isdir(item):
-            for root, dirs, files in os.walk(item):
+            for root, dirs, files in os.walk(item, onerror=cannot_list):
                 dirs.sort()
                 for f in sorted(files):
                     full = os.path.join(root, f)
@@ -137,7 +152,7 @@ def find_audio_files(inputs: Sequence[str], extensions: Iterable[str] = AUDIO_EX
                 add(item, None)
             for m in matches:
                 if os.path.isdir(m):
-                    for path, rel in find_audio_files([m], exts):
+                    for path, rel in find_audio_files([m], exts, unreadable):
                         add(path, rel)
                 else:
                     add(m, os.path.basename(m))

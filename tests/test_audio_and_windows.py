@@ -101,6 +101,48 @@ def test_find_audio_files_mirrors_structure(tmp_path):
     assert sorted(rels[:2]) == ["b/y.flac", "x.wav"] and rels[2:] == [None]
 
 
+@pytest.mark.parametrize("how", ["chmod", "scandir"])
+def test_find_audio_files_reports_unreadable_folders(tmp_path, monkeypatch, caplog, how):
+    import errno
+    import logging
+
+    from speechbrain_recipes.MERT.prepare_music import scan_folder
+
+    locked = tmp_path / "a" / "locked"
+    locked.mkdir(parents=True)
+    sf.write(str(tmp_path / "a" / "x.wav"), np.zeros(24000, np.float32), 24000)
+    sf.write(str(locked / "y.wav"), np.zeros(24000, np.float32), 24000)
+    if how == "chmod":
+        os.chmod(locked, 0)
+        if os.access(locked, os.R_OK):  # root (CAP_DAC_OVERRIDE): permission bits do not stop reads
+            os.chmod(locked, 0o755)
+            pytest.skip("this user reads folders whatever their permission bits (root)")
+    else:  # as the walk sees an unreadable folder, for any user
+        real = os.scandir
+
+        def scandir(path="."):
+            if os.fspath(path) == str(locked):
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            return real(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+    try:
+        unreadable = []
+        found = find_audio_files([str(tmp_path / "a")], unreadable=unreadable)
+        assert [rel for _, rel in found] == ["x.wav"]
+        assert unreadable == [(str(locked), "Permission denied")]
+        # Without a list to fill: a warning naming the folder.
+        with caplog.at_level(logging.WARNING, logger="mert_plugin.audio"):
+            assert [rel for _, rel in find_audio_files([str(tmp_path / "a")])] == ["x.wav"]
+        assert f"cannot read folder {locked} (Permission denied)" in caplog.text
+        # The recipe's data preparation lists it with the skipped files (skipped.txt).
+        rows, skipped = scan_folder(str(tmp_path / "a"), min_duration=0.5, progress=False)
+        assert [r[0] for r in rows] == ["x.wav"]
+        assert skipped == [(str(locked), "cannot read folder (Permission denied)")]
+    finally:
+        os.chmod(locked, 0o755)
+
+
 @pytest.mark.parametrize("n", [120000 + 320, 300000, 24000 * 17 + 123, 24000 * 61])
 def test_window_plan_tiles_every_frame_once(n):
     plan = plan_windows(n, window=120000, overlap=24000)

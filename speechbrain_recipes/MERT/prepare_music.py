@@ -86,12 +86,14 @@ def prepare_music(data_folder: str, save_folder: str, valid_fraction: float = 0.
 
 def scan_folder(data_folder: str, min_duration: float, check_decode: bool = True, progress: bool = True
                 ) -> Tuple[List[Tuple[str, float]], List[Tuple[str, str]]]:
-    """-> ([(relative_path, duration_s)], [(path, reason)]) for every audio-named file."""
-    from tqdm import tqdm
+    """-> ([(relative_path, duration_s)], [(path, reason)]) for every audio-named file (and folder that
+    cannot be read)."""
+    from mert_plugin.progress import progress_bar
 
-    rows, skipped, stems = [], [], {}
-    files = find_audio_files([data_folder])
-    for path, rel in tqdm(files, desc="scanning audio", disable=not progress, unit="file"):
+    rows, stems, unreadable = [], {}, []
+    files = find_audio_files([data_folder], unreadable=unreadable)
+    skipped = [(folder, f"cannot read folder ({reason})") for folder, reason in unreadable]
+    for path, rel in progress_bar(files, desc="scanning audio", disable=not progress, unit="file"):
         rel = rel.replace(os.sep, "/")
         stem = os.path.splitext(rel)[0]
         if stem in stems:
