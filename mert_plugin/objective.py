@@ -62,8 +62,9 @@ class ObjectiveConfig:
     feature_grad_mult: float = 0.1
     use_acoustic: bool = True
     use_cqt: bool = True
+    # fairseq's default, kept by the reference: every clip of a batch keeps the batch's smallest masked count
+    require_same_masks: bool = True
     # Extras (not in the shared contract; off by default).
-    require_same_masks: bool = False  # fairseq option: same masked count for every clip of a batch
     attention_relax: float = 0.0  # > 0: PB-relax attention in the student (fp16 overflow guard), e.g. 32
 
     @classmethod
@@ -173,10 +174,8 @@ class MERTPretrainer(nn.Module):
     def span_mask(self, frame_valid: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """[B, T] bool valid frames -> [B, T] bool span mask (see :mod:`mert_plugin.masking`)."""
         c = self.config
-        padded = not bool(frame_valid.all())
         return compute_span_mask(tuple(frame_valid.shape), c.mask_prob, c.mask_length, c.min_masks,
-                                 frame_valid if padded else None, c.require_same_masks, generator,
-                                 device=frame_valid.device)
+                                 frame_valid, c.require_same_masks, generator, device=frame_valid.device)
 
     def mix(self, wav: Tensor, lengths: Optional[Tensor] = None,
             generator: Optional[torch.Generator] = None) -> Tensor:

@@ -115,13 +115,13 @@ def test_crops_are_hop_aligned_and_labels_follow_them(tmp_path):
         np.save(cqt_path, np.repeat(np.arange(frames, dtype=np.float16)[:, None], 336, axis=1))
         items.append({"id": f"f{i}.wav", "path": path, "duration": seconds})
 
-    collate = CropCollate(config, 1.0, 2.0, label_folder=str(tmp_path / "labels"), seed=7)
+    collate = CropCollate(config, 2.0, label_folder=str(tmp_path / "labels"), seed=7)
     seen = set()
     for epoch in range(4):
         collate.epoch = epoch
         batch = collate(items)
         n = batch.wav.shape[1]
-        assert n % 320 == 0 and 24000 <= n <= 48000
+        assert n == 48000  # every clip cut to exactly crop_seconds, as the reference's max_sample_size
         assert batch.codes.shape[:2] == (3, 8) and batch.cqt.shape[2] == 336
         assert batch.codes.shape[2] == batch.cqt.shape[1] == config.num_frames(n)
         for i, start in enumerate(batch.starts.tolist()):
@@ -135,6 +135,25 @@ def test_crops_are_hop_aligned_and_labels_follow_them(tmp_path):
         again = collate(items)
         assert torch.equal(again.wav, batch.wav) and torch.equal(again.codes, batch.codes)
     assert len(seen) > 1  # crops change with the epoch
+
+
+def test_a_batch_is_cut_to_its_shortest_clip_when_that_is_shorter_than_the_crop(tmp_path):
+    from mert_plugin import MERTConfig
+    from speechbrain_recipes.MERT.data import CropCollate
+
+    config = MERTConfig.from_preset("mert-tiny")
+    items = []
+    for i, seconds in enumerate([6.0, 3.3, 4.0]):
+        path = str(tmp_path / f"f{i}.wav")
+        sf.write(path, np.full(int(seconds * SR), 0.1, np.float32), SR)
+        items.append({"id": f"f{i}.wav", "path": path, "duration": seconds})
+    collate = CropCollate(config, 5.0, load_codes=False, load_cqt=False)
+    lengths = set()
+    for epoch in range(5):
+        collate.epoch = epoch
+        lengths.add((collate(items).wav.shape[1], collate(items[::2]).wav.shape[1], collate(items[:1]).wav.shape[1]))
+    # fairseq RawAudioDataset(pad=False): min(shortest clip, max_sample_size), in whole hops; no random length
+    assert lengths == {(int(3.3 * SR) // 320 * 320, 4 * SR, 5 * SR)}
 
 
 # -------------------------------------------------------------- checkpoints
