@@ -4,7 +4,7 @@
 * :func:`make_dataset`: a SpeechBrain ``DynamicItemDataset`` over a manifest
   from ``prepare_music.py`` (items ``{id, path, duration}``).
 * :func:`make_batch_sampler`: SpeechBrain's ``DynamicBatchSampler``, batching
-  by the *cropped* duration (long files are cut to ``crop_max_seconds``).
+  by the *cropped* duration (long files are cut to ``crop_seconds``).
 * :func:`distributed_batch_sampler`: SpeechBrain's DDP wrapper of that sampler,
   usable when a process gets a single batch (fewer batches than processes).
 * :class:`CropCollate`: reads the audio and crops it. Every clip of a batch
@@ -53,11 +53,11 @@ def make_dataset(csv_path: str, data_folder: str):
     return dataset
 
 
-def make_batch_sampler(dataset, crop_max_seconds: float, **sampler_kwargs):
+def make_batch_sampler(dataset, crop_seconds: float, **sampler_kwargs):
     """``DynamicBatchSampler`` over the clips' cropped durations (seconds)."""
     from speechbrain.dataio.sampler import DynamicBatchSampler
 
-    lengths = [min(float(dataset.data[i]["duration"]), crop_max_seconds) for i in dataset.data_ids]
+    lengths = [min(float(dataset.data[i]["duration"]), crop_seconds) for i in dataset.data_ids]
     return DynamicBatchSampler(dataset, lengths_list=lengths, **sampler_kwargs)
 
 

@@ -160,7 +160,7 @@ def train(hparams, run_opts, datasets):
                       run_opts=run_opts, checkpointer=hparams["checkpointer"])
     brain.label_generator = label_step.online_generator(hparams)
     loader = {"num_workers": hparams["num_workers"], "generator": torch.Generator().manual_seed(hparams["seed"])}
-    train_sampler = make_batch_sampler(datasets["train"], hparams["crop_max_seconds"], **hparams["dynamic_batching"])
+    train_sampler = make_batch_sampler(datasets["train"], hparams["crop_seconds"], **hparams["dynamic_batching"])
     # Brain calls set_epoch only on samplers it made itself (or wrapped for DDP): without this the
     # batch order would depend on how many epochs this process has run, not on the epoch number.
     brain.train_sampler = train_sampler
@@ -179,7 +179,7 @@ def train(hparams, run_opts, datasets):
                     hparams["number_of_epochs"], per_epoch)
     valid_loader = None
     if len(datasets["valid"]):  # fixed order: the same masks are drawn every epoch and after a resume
-        valid_sampler = make_batch_sampler(datasets["valid"], hparams["crop_max_seconds"], **{
+        valid_sampler = make_batch_sampler(datasets["valid"], hparams["crop_seconds"], **{
             **hparams["dynamic_batching"], "shuffle": False, "batch_ordering": "ascending"})
         valid_loader = {**loader, "collate_fn": hparams["valid_collate"], "batch_sampler": valid_sampler}
     brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["valid"] if valid_loader else None,
