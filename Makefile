@@ -24,6 +24,9 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS) $(LOCK)
 	# torch first, pinned, so nothing later can replace the CPU build with a CUDA one.
 	$(PIP) install -q -c $(CONSTRAINTS) -c $(LOCK) torch
 	$(PIP) install -q -c $(CONSTRAINTS) -c $(LOCK) -e ".[all,dev]"
+	# The corpus' SoundFont player: its wheel declares pyaudio (live playback only, no Linux
+	# wheel, needs PortAudio headers to build), so it is installed without dependencies.
+	$(PIP) install -q --no-deps -c $(CONSTRAINTS) tinysoundfont
 	# Every package the project needs is pinned in the lock at the installed version.
 	$(BIN)/python requirements/lock.py check
 	# Let CUDA-linked torchaudio import on CPU torch (see _mert_torchaudio_shim.py).
