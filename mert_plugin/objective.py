@@ -64,6 +64,9 @@ class ObjectiveConfig:
     use_cqt: bool = True
     # fairseq's default, kept by the reference: every clip of a batch keeps the batch's smallest masked count
     require_same_masks: bool = True
+    # Deviations for small-scale runs (the reference values are the defaults), see docs/OBJECTIVE.md:
+    cqt_target: str = "linear"  # "linear" (reference) | "db" (level-free dB spectrum, see MERTPretrainer.cqt_target)
+    pred_nomask_weight: float = 0.0  # fairseq HuBERT option; > 0 also predicts the labels of unmasked frames
     # Extras (not in the shared contract; off by default).
     attention_relax: float = 0.0  # > 0: PB-relax attention in the student (fp16 overflow guard), e.g. 32
 
@@ -101,6 +104,10 @@ class ObjectiveConfig:
             problems.append(f"logit_temp must be > 0, got {self.logit_temp}")
         if self.mixture_min_samples > self.mixture_max_samples or self.mixture_min_count > self.mixture_max_count:
             problems.append("mixture ranges must have min <= max")
+        if self.cqt_target not in ("linear", "db"):
+            problems.append(f"cqt_target must be 'linear' or 'db', got {self.cqt_target!r}")
+        if self.pred_nomask_weight < 0:
+            problems.append(f"pred_nomask_weight must be >= 0, got {self.pred_nomask_weight}")
         if self.attention_relax < 0:
             problems.append(f"attention_relax must be >= 0 (0 = off), got {self.attention_relax}")
         if problems:
@@ -228,34 +235,116 @@ class MERTPretrainer(nn.Module):
 
         loss_mask = mask & frame_valid
         loss_mask[:, label_frames:] = False
-        h = out.last_hidden_state[loss_mask]  # [N_m, D]
         feature_penalty = out.conv_features.float().pow(2).mean()
         loss = c.feature_penalty_weight * feature_penalty
         terms = {"feature_penalty": feature_penalty.detach(),
                  "masked_frames": loss_mask.sum().detach().float(),
                  "masked_fraction": (mask & frame_valid).sum().float() / frame_valid.sum().clamp(min=1)}
-        if c.use_acoustic:
-            target = codes[:, :, :frames].transpose(1, 2)[loss_mask[:, : codes.shape[-1]]]  # [N_m, K]
-            logits = self.codebook_head(h)  # [N_m, K, C]
+        cqt = self.cqt_target(cqt[:, :frames].float()) if c.use_cqt else None
+        codes = codes[:, :, :frames] if c.use_acoustic else None
+        predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, loss_mask, codes, cqt)
+        loss = loss + predicted
+        terms.update(predicted_terms)
+        if c.pred_nomask_weight > 0:  # fairseq HuBERT's pred_nomask_weight: also predict the visible frames
+            visible = frame_valid & ~mask
+            visible[:, label_frames:] = False
+            predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, visible, codes, cqt,
+                                                               baselines=False)
+            loss = loss + c.pred_nomask_weight * predicted
+            terms.update({f"unmasked_{k}": v for k, v in predicted_terms.items() if not k[-1].isdigit()})
+        terms["loss"] = loss.detach()
+        return PretrainOutput(loss, terms, loss_mask)
+
+    def cqt_target(self, cqt: Tensor) -> Tensor:
+        """The CQT regression target [B, T, bins] from the teacher's linear magnitudes.
+
+        ``linear``: the reference (level-dependent: a gain-invariant student cannot predict it).
+        ``db``: dB relative to each clip's (crop's) loudest bin, floored at -60 dB and mapped to
+        [0, 1]: the same spectrum at any gain, and silence a predictable constant.
+        """
+        if self.config.cqt_target == "linear":
+            return cqt
+        peak = cqt.amax(dim=(1, 2), keepdim=True).clamp(min=1e-8)
+        return (20.0 * torch.log10(cqt / peak + 1e-3) / 60.0 + 1.0).clamp(min=0.0)
+
+    def _prediction_loss(self, hidden: Tensor, select: Tensor, codes: Optional[Tensor], cqt: Optional[Tensor],
+                         baselines: bool = True):
+        """Prediction losses at the ``select`` [B, T] frames of ``hidden`` [B, T, D]: (sum of the
+        codebook CEs + cqt_weight * CQT MSE, detached terms for logging)."""
+        c = self.config
+        h = hidden[select]  # [N, D]
+        loss, terms = hidden.new_zeros(()), {}
+        if codes is not None:
+            target = codes.transpose(1, 2)[select[:, : codes.shape[-1]]]  # [N, K]
+            logits = self.codebook_head(h)  # [N, K, C]
             if h.shape[0]:
                 per_book = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(0)  # [K]
                 acc = (logits.argmax(-1) == target).float().mean()
             else:  # no loss frame in this batch: zeros that keep the graph
                 per_book, acc = logits.sum((0, 2)), logits.new_zeros(())
-            acoustic_ce = per_book.sum()
-            loss = loss + acoustic_ce
-            terms["acoustic_ce"] = acoustic_ce.detach()
+            loss = loss + per_book.sum()
+            terms["acoustic_ce"] = per_book.sum().detach()
             terms["acoustic_acc"] = acc.detach()
             for k, v in enumerate(per_book.detach()):
                 terms[f"acoustic_ce_{k}"] = v
-        if c.use_cqt:
+            if baselines and not self.training and h.shape[0]:
+                terms.update(self.baselines(codes, select, target))
+        if cqt is not None:
             pred = self.cqt_head(h).float()
-            target = cqt[:, :frames][loss_mask[:, : cqt.shape[1]]].float()
+            target = cqt[select[:, : cqt.shape[1]]]
             mse = F.mse_loss(pred, target) if h.shape[0] else pred.sum()
             loss = loss + c.cqt_weight * mse
             terms["cqt_mse"] = mse.detach()
-        terms["loss"] = loss.detach()
-        return PretrainOutput(loss, terms, loss_mask)
+        return loss, terms
+
+    # ------------------------------------------------------------- baselines
+    def set_code_prior(self, counts: Optional[Tensor]) -> None:
+        """Code frequencies of the training labels, [K, C] counts (or None): in eval mode the
+        objective then also reports the unigram baseline (``unigram_ce``, ``unigram_acc``)."""
+        if counts is None:
+            self.code_log_prior = None
+            return
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        c = self.config
+        if counts.shape != (c.num_codebooks, c.codebook_size):
+            raise MERTError(f"code counts must be [{c.num_codebooks}, {c.codebook_size}], got {list(counts.shape)}")
+        # add-one smoothing: a code unseen in training costs log(N + C) nats, not infinity
+        self.code_log_prior = ((counts + 1) / (counts + 1).sum(-1, keepdim=True)).log().float()
+
+    code_log_prior: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def baselines(self, codes: Tensor, loss_mask: Tensor, target: Tensor) -> Dict[str, Tensor]:
+        """Cheap predictors of the masked codes, to read the student's accuracy against.
+
+        ``copy_acc``: the true label of the nearest unmasked frame of the same clip (a predictor
+        that sees the labels, so an upper reference for "uses context", not a baseline to beat);
+        ``unigram_ce`` / ``unigram_acc``: the training codes' frequencies, when
+        :meth:`set_code_prior` was given them. codes [B, K, T], loss_mask [B, T], target [N_m, K].
+        """
+        bsz, _, frames = codes.shape
+        pos = torch.arange(frames, device=codes.device)
+        copied = []
+        for b in range(bsz):
+            masked = loss_mask[b, :frames]
+            if not masked.any():
+                continue
+            visible = (~loss_mask[b, :frames]).nonzero()[:, 0]
+            if visible.numel() == 0:  # the whole clip is masked: nothing to copy, count as wrong
+                copied.append(torch.full_like(codes[b, :, masked].T, -1))
+                continue
+            right = torch.searchsorted(visible, pos[masked]).clamp(max=visible.numel() - 1)
+            left = (right - 1).clamp(min=0)
+            take = torch.where((pos[masked] - visible[left]).abs() <= (visible[right] - pos[masked]).abs(),
+                               visible[left], visible[right])
+            copied.append(codes[b][:, take].T)  # [n_b, K]
+        out = {"copy_acc": (torch.cat(copied) == target).float().mean()}
+        if self.code_log_prior is not None:
+            prior = self.code_log_prior.to(codes.device)  # [K, C]
+            books = torch.arange(prior.shape[0], device=codes.device)
+            out["unigram_ce"] = -prior[books, target].mean(0).sum()
+            out["unigram_acc"] = (prior.argmax(-1)[None] == target).float().mean()
+        return out
 
     # ---------------------------------------------------------------- checks
     def _check_codes(self, codes: Optional[Tensor], bsz: int, frames: int) -> Tensor:

@@ -82,6 +82,69 @@ def test_pretrainer_masks_like_the_reference():
     assert fraction < expected_masked_fraction(374) - 0.02
 
 
+def test_eval_reports_copy_and_unigram_baselines_of_the_masked_codes():
+    cfg = ObjectiveConfig(num_codebooks=2, codebook_size=16, final_dim=8, use_cqt=False, mixture_prob=0.0)
+    trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), cfg).eval()
+    wav = torch.randn(3, 16000) * 0.1
+    t = trainer.student.num_frames(16000)
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (3, 2, t), generator=gen)
+    codes[:, 1] = 3 + (torch.arange(t) >= t // 2).long()  # book 1: two long segments
+    mask = compute_span_mask((3, t), 0.8, 5, 2, generator=gen)
+    counts = torch.zeros(2, 16)
+    counts[0, 5], counts[1, 3] = 10, 10  # the prior's favourite codes: 5 and 3
+    trainer.set_code_prior(counts)
+    out = trainer(wav, codes, mask=mask)
+    hits, ce, uni_hits, n = 0, 0.0, 0, 0
+    prior = (counts + 1) / (counts + 1).sum(-1, keepdim=True)
+    for b in range(3):
+        visible = [i for i in range(t) if not mask[b, i]]
+        for i in range(t):
+            if mask[b, i]:
+                nearest = min(visible, key=lambda v: (abs(v - i), v))  # ties go left
+                hits += int((codes[b, :, nearest] == codes[b, :, i]).sum())
+                uni_hits += int(codes[b, 0, i] == 5) + int(codes[b, 1, i] == 3)
+                ce -= float(prior[0, codes[b, 0, i]].log() + prior[1, codes[b, 1, i]].log())
+                n += 1
+    assert out.terms["copy_acc"] == pytest.approx(hits / (2 * n), abs=1e-6)
+    assert out.terms["unigram_acc"] == pytest.approx(uni_hits / (2 * n), abs=1e-6)
+    assert out.terms["unigram_ce"] == pytest.approx(ce / n, rel=1e-5)
+    assert float(out.terms["copy_acc"]) > 0.4  # mean of book 0 (random, ~1/16) and book 1 (copyable, ~0.9)
+    assert "copy_acc" not in trainer.train()(wav, codes, mask=mask).terms  # eval-only diagnostics
+
+
+def test_db_cqt_target_is_level_free_and_bounded():
+    trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), ObjectiveConfig(cqt_target="db"))
+    cqt = torch.rand(2, 20, 336) * torch.tensor([1.0, 0.01])[:, None, None]
+    cqt[0, 5:8] = 0.0  # silent frames
+    target = trainer.cqt_target(cqt)
+    torch.testing.assert_close(trainer.cqt_target(cqt * 37.0), target)  # any gain: the same target
+    peak = 1.0 + 20.0 * math.log10(1.0 + 1e-3) / 60.0  # the loudest bin; the floor offset adds 1e-3
+    assert float(target.min()) >= 0.0 and float(target.max()) == pytest.approx(peak, rel=1e-6)
+    assert (target[0, 5:8] == 0).all()  # silence is the floor (-60 dB), not noise
+    linear = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), ObjectiveConfig())
+    assert torch.equal(linear.cqt_target(cqt), cqt)  # the reference target is untouched
+    with pytest.raises(ConfigError, match="cqt_target"):
+        ObjectiveConfig(cqt_target="log").validate()
+
+
+def test_pred_nomask_weight_adds_the_visible_frames_loss():
+    wav = torch.randn(2, 16000) * 0.1
+    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
+    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336)
+    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for w in (0.0, 0.5):
+        trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0),
+                                 ObjectiveConfig(pred_nomask_weight=w, mixture_prob=0.0)).eval()
+        outs[w] = trainer(wav, codes, cqt, mask=mask)
+    plain, both = outs[0.0].terms, outs[0.5].terms
+    assert "unmasked_acoustic_ce" not in plain
+    expected = plain["loss"] + 0.5 * (both["unmasked_acoustic_ce"] + both["unmasked_cqt_mse"])
+    assert float(both["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(both["unmasked_acoustic_ce"]) != float(plain["acoustic_ce"])  # other frames, other loss
+
+
 # ---------------------------------------------------------------- mixture
 def test_mixture_only_borrows_from_other_clips_and_leaves_input_alone():
     bsz, num = 4, 30000
