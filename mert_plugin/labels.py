@@ -39,7 +39,7 @@ import torch
 from .atomic import atomic_save_npy, atomic_write_json, remove_stale_temporaries
 from .audio import AUDIO_EXTENSIONS, find_audio_files, load_audio
 from .errors import MERTError, run_cli
-from .teachers import ACOUSTIC_KINDS, LabelGenerator
+from .teachers import ACOUSTIC_KINDS, FITTABLE_KINDS, LabelGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -281,14 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--teacher", choices=ACOUSTIC_KINDS, default="encodec",
                    help="acoustic teacher: official EnCodec (default), 'fitted' (demo/test only: k-means on a "
-                        "random EnCodec encoder), 'mfcc-kmeans' (MERT-v0 style, 16 kHz) or 'none'")
+                        "random EnCodec encoder), 'mfcc-kmeans' (MERT-v0 style, 16 kHz), 'cqt-kmeans' (k-means over a "
+                        "level-free semitone CQT, 24 kHz) or 'none'")
     p.add_argument("--encodec-checkpoint", help="path to encodec_24khz-d7cc33bc.th or its folder "
                                                 "(default: torch.hub cache)")
-    p.add_argument("--teacher-state", help="state file of a 'fitted' / 'mfcc-kmeans' teacher")
+    p.add_argument("--teacher-state", help="state file of a 'fitted' / 'mfcc-kmeans' / 'cqt-kmeans' teacher")
     p.add_argument("--fit", action="store_true", help="fit the teacher on the inputs if --teacher-state does "
                                                       "not exist yet, and save it there (single process only)")
     p.add_argument("--fit-max-files", type=int, default=200, help="files used by --fit (default 200)")
-    p.add_argument("--num-clusters", type=int, default=500, help="clusters of the mfcc-kmeans teacher")
+    p.add_argument("--num-clusters", type=int, help="codes per codebook of the k-means teachers "
+                                                   "(default: 500 mfcc-kmeans, 128 cqt-kmeans)")
+    p.add_argument("--num-codebooks", type=int, default=1, help="codebooks of the cqt-kmeans teacher (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fitted teacher")
     p.add_argument("--no-cqt", action="store_true", help="write codes only")
     p.add_argument("--max-seconds", type=float, help="report files longer than this as failed instead of "
@@ -310,14 +313,15 @@ def run(args: argparse.Namespace) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     else:
         device = torch.device("cpu")
-    needs_state = args.teacher in ("fitted", "mfcc-kmeans")
+    needs_state = args.teacher in FITTABLE_KINDS
     if needs_state and not args.teacher_state:
         raise MERTError(f"--teacher {args.teacher} needs --teacher-state (add --fit to create it)")
     if args.teacher_state and not needs_state:
-        raise MERTError(f"--teacher-state applies to --teacher fitted / mfcc-kmeans, not {args.teacher}")
+        raise MERTError(f"--teacher-state applies to --teacher {' / '.join(FITTABLE_KINDS)}, not {args.teacher}")
     generator = LabelGenerator.from_spec(args.teacher, encodec_checkpoint=args.encodec_checkpoint,
                                          use_cqt=not args.no_cqt, teacher_state=args.teacher_state,
-                                         seed=args.seed, num_clusters=args.num_clusters)
+                                         seed=args.seed, num_clusters=args.num_clusters,
+                                         num_codebooks=args.num_codebooks)
     if needs_state and not generator.ready:
         if not args.fit:
             raise MERTError(f"{args.teacher_state}: no such teacher state; run once with --fit to create it")

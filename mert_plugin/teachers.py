@@ -405,8 +405,97 @@ class MFCCKMeansTeacher(nn.Module):
         self.fitted = True
 
 
+# ------------------------------------------------------------ musical k-means
+def db_spectrum(cqt: Tensor, floor_db: float = 60.0) -> Tensor:
+    """Linear CQT magnitudes [B, T, bins] -> dB re each clip's loudest bin, floored at
+    ``-floor_db`` and mapped to [0, 1] (the same spectrum at any gain; silence = 0)."""
+    peak = cqt.amax(dim=(1, 2), keepdim=True).clamp(min=1e-8)
+    return (20.0 * torch.log10(cqt / peak + 10 ** (-floor_db / 20)) / floor_db + 1.0).clamp(min=0.0)
+
+
+class CQTKMeansTeacher(nn.Module):
+    """Musical k-means codes: residual k-means over a level-free semitone spectrum.
+
+    wav [B, N] at 24 kHz -> codes [B, num_codebooks, N // 320 + 1], 75 Hz, on the CQT's
+    frame grid. Each frame is the reference CQT (:class:`CQTTeacher`) in dB re the clip's
+    loudest bin (:func:`db_spectrum`), averaged to 84 semitone bins (C1-B7). Codebook k
+    clusters what books < k left unexplained. A MERT-v0-style *musical* teacher for
+    corpora too small for codec codes: its codes are stable while a chord or note lasts
+    (so they can be predicted from context) and name pitch content and timbre. It is
+    not MERT-v1's EnCodec teacher; fit it with :meth:`fit` on training audio.
+    """
+
+    sample_rate = 24000
+    bins_per_semitone = 4  # the reference CQT has 48 bins per octave
+
+    def __init__(self, num_clusters: int = 128, num_codebooks: int = 1, seed: int = 0,
+                 cqt: Optional["CQTTeacher"] = None):
+        super().__init__()
+        if num_clusters < 2 or num_codebooks < 1:
+            raise MERTError(f"cqt-kmeans needs >= 2 clusters and >= 1 codebook, got {num_clusters}, {num_codebooks}")
+        self.codebook_size, self.num_codebooks, self.seed = num_clusters, num_codebooks, seed
+        self.cqt = cqt if cqt is not None else CQTTeacher(self.sample_rate)
+        self.dim = self.cqt.n_bins // self.bins_per_semitone
+        self.register_buffer("centroids", torch.zeros(num_codebooks, num_clusters, self.dim))
+        self.fitted = False
+
+    def features_from_cqt(self, cqt: Tensor) -> Tensor:
+        """[B, T, 336] linear CQT -> [B, T, 84] level-free semitone spectrum."""
+        db = db_spectrum(cqt.float())
+        return db.view(db.shape[0], db.shape[1], self.dim, self.bins_per_semitone).mean(-1)
+
+    def codes_from_cqt(self, cqt: Tensor) -> Tensor:
+        """[B, T, 336] linear CQT (of the whole clip) -> codes [B, K, T] long."""
+        if not self.fitted:
+            raise MERTError("the cqt-kmeans teacher is not fitted: call fit() or load a teacher state")
+        x = self.features_from_cqt(cqt)
+        flat, out = x.reshape(-1, self.dim).to(self.centroids.device), []
+        for book in self.centroids:
+            assign = nearest(flat, book)
+            out.append(assign)
+            flat = flat - book[assign]
+        return torch.stack(out, 0).view(self.num_codebooks, x.shape[0], x.shape[1]).transpose(0, 1)
+
+    @torch.no_grad()
+    def forward(self, wav: Tensor) -> Tensor:
+        return self.codes_from_cqt(self.cqt(_as_batch(wav)))
+
+    @torch.no_grad()
+    def fit(self, wavs: Iterable[Tensor], iters: int = 20, max_frames: int = 100_000) -> None:
+        parts = [self.features_from_cqt(self.cqt(_as_batch(w).to(self.centroids.device))).reshape(-1, self.dim)
+                 for w in wavs]
+        if not parts:
+            raise MERTError("cannot fit the cqt-kmeans teacher: no audio given")
+        x = torch.cat(parts)
+        if x.shape[0] > max_frames:
+            x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))[:max_frames]]
+        if x.shape[0] < MIN_FRAMES_PER_CODE * self.codebook_size:
+            raise MERTError(f"cqt-kmeans: {x.shape[0]} frames are too few for {self.codebook_size} codes "
+                            f"(>= {MIN_FRAMES_PER_CODE} per code): give more audio or fewer clusters")
+        residual = x.to(self.centroids.device)
+        for k in range(self.num_codebooks):
+            centroids = kmeans(residual, self.codebook_size, iters=iters, seed=self.seed + k)
+            residual = residual - centroids[nearest(residual, centroids)]
+            self.centroids[k].copy_(centroids)
+        self.fitted = True
+        logger.info("cqt-kmeans teacher: %d codebook(s) x %d codes fitted on %d frames", self.num_codebooks,
+                    self.codebook_size, x.shape[0])
+
+    def state_tensors(self) -> dict:
+        return {"centroids": self.centroids.detach().cpu().contiguous()}
+
+    def load_tensors(self, tensors: dict, source: str) -> None:
+        c = tensors.get("centroids")
+        if c is None or c.shape != self.centroids.shape:
+            raise CheckpointError(f"{source}: expected centroids of shape {list(self.centroids.shape)} "
+                                  f"(num_codebooks x num_clusters x 84), got {None if c is None else list(c.shape)}")
+        self.centroids.copy_(c)
+        self.fitted = True
+
+
 # ------------------------------------------------------------ the generator
-ACOUSTIC_KINDS = ("encodec", "fitted", "mfcc-kmeans", "none")
+ACOUSTIC_KINDS = ("encodec", "fitted", "mfcc-kmeans", "cqt-kmeans", "none")
+FITTABLE_KINDS = ("fitted", "mfcc-kmeans", "cqt-kmeans")  # teachers with a fitted state
 
 
 class LabelGenerator(nn.Module):
@@ -428,14 +517,19 @@ class LabelGenerator(nn.Module):
 
     @classmethod
     def from_spec(cls, acoustic: str = "encodec", encodec_checkpoint: Optional[str] = None, use_cqt: bool = True,
-                  teacher_state: Optional[str] = None, seed: int = 0, num_clusters: int = 500) -> "LabelGenerator":
+                  teacher_state: Optional[str] = None, seed: int = 0, num_clusters: Optional[int] = None,
+                  num_codebooks: int = 1) -> "LabelGenerator":
         """Build the teachers.
 
         acoustic: ``"encodec"`` (official EnCodec weights, MERT-v1), ``"fitted"``
             (explicit demo/test mode: random seeded EnCodec encoder + k-means
-            codebooks; logged), ``"mfcc-kmeans"`` (MERT-v0 style, 16 kHz) or ``"none"``.
-        teacher_state: for ``fitted`` / ``mfcc-kmeans``, a state file written by
+            codebooks; logged), ``"mfcc-kmeans"`` (MERT-v0 style, 16 kHz),
+            ``"cqt-kmeans"`` (k-means over a level-free semitone CQT, see
+            :class:`CQTKMeansTeacher`) or ``"none"``.
+        teacher_state: for the fitted kinds (``FITTABLE_KINDS``), a state file written by
             :meth:`save_state`; loaded when it exists (otherwise call :meth:`fit`).
+        num_clusters: codes per codebook of the k-means teachers (default 500 for
+            ``mfcc-kmeans``, 128 for ``cqt-kmeans``); num_codebooks: ``cqt-kmeans`` only.
         """
         if acoustic not in ACOUSTIC_KINDS:
             raise MERTError(f"unknown acoustic teacher {acoustic!r}; choose one of {list(ACOUSTIC_KINDS)}")
@@ -445,15 +539,21 @@ class LabelGenerator(nn.Module):
         elif acoustic == "fitted":
             teacher = EncodecTeacher.random_fitted(seed)
         elif acoustic == "mfcc-kmeans":
-            teacher = MFCCKMeansTeacher(num_clusters, sample_rate, seed)
+            teacher = MFCCKMeansTeacher(num_clusters or 500, sample_rate, seed)
+        elif acoustic == "cqt-kmeans":
+            teacher = CQTKMeansTeacher(num_clusters or 128, num_codebooks, seed)
         else:
             teacher = None
         if teacher is None and not use_cqt:
             raise MERTError("no teacher selected: acoustic='none' and use_cqt=False")
-        gen = cls(acoustic, teacher, CQTTeacher(sample_rate) if use_cqt else None, sample_rate)
+        cqt = None
+        if use_cqt:  # cqt-kmeans reads the same CQT: one module, computed once per batch
+            cqt = teacher.cqt if isinstance(teacher, CQTKMeansTeacher) else CQTTeacher(sample_rate)
+        gen = cls(acoustic, teacher, cqt, sample_rate)
         if teacher_state is not None:
-            if acoustic not in ("fitted", "mfcc-kmeans"):
-                raise MERTError(f"teacher_state applies to the 'fitted' and 'mfcc-kmeans' teachers, not {acoustic!r}")
+            if acoustic not in FITTABLE_KINDS:
+                raise MERTError(f"teacher_state applies to the {', '.join(map(repr, FITTABLE_KINDS))} teachers, "
+                                f"not {acoustic!r}")
             if os.path.exists(teacher_state):
                 gen.load_state(teacher_state)
         return gen
@@ -492,14 +592,19 @@ class LabelGenerator(nn.Module):
         frames = self.num_frames(wav.shape[1])
         if frames <= 0:
             raise MERTError(f"{wav.shape[1]} samples is shorter than one frame (400 samples)")
-        codes = None if self.acoustic is None else self.acoustic(wav)[:, :, :frames].long()
-        cqt = None if self.cqt is None else self.cqt(wav)[:, :frames]
-        return codes, cqt
+        full_cqt = None if self.cqt is None else self.cqt(wav)
+        if self.acoustic is None:
+            codes = None
+        elif isinstance(self.acoustic, CQTKMeansTeacher) and full_cqt is not None:
+            codes = self.acoustic.codes_from_cqt(full_cqt)[:, :, :frames]
+        else:
+            codes = self.acoustic(wav)[:, :, :frames].long()
+        return codes, None if full_cqt is None else full_cqt[:, :frames]
 
     # -------------------------------------------------------------- fit/state
     def fit(self, wavs: Iterable[Tensor], **kwargs) -> None:
-        """Fit the ``fitted`` / ``mfcc-kmeans`` acoustic teacher on training audio, then :meth:`save_state`."""
-        if self.acoustic_kind not in ("fitted", "mfcc-kmeans"):
+        """Fit a fitted-kind acoustic teacher on training audio, then :meth:`save_state`."""
+        if self.acoustic_kind not in FITTABLE_KINDS:
             raise MERTError(f"the {self.acoustic_kind!r} teacher has nothing to fit")
         self.acoustic.fit(wavs, **kwargs)
 
@@ -509,7 +614,7 @@ class LabelGenerator(nn.Module):
              "codebook_size": self.codebook_size, "frame_hop": 320, "cqt": None}
         if self.acoustic_kind == "encodec":
             d["encodec_bandwidth"] = ENCODEC_BANDWIDTH
-        if self.acoustic_kind in ("fitted", "mfcc-kmeans") and self.ready:
+        if self.acoustic_kind in FITTABLE_KINDS and self.ready:
             h = hashlib.sha256()
             for k, v in sorted(self.acoustic.state_tensors().items()):
                 h.update(k.encode())
@@ -523,8 +628,8 @@ class LabelGenerator(nn.Module):
         """Write the fitted teacher (safetensors, atomically)."""
         from safetensors.torch import save_file
 
-        if self.acoustic_kind not in ("fitted", "mfcc-kmeans") or not self.ready:
-            raise MERTError("only a fitted 'fitted' / 'mfcc-kmeans' teacher has a state to save")
+        if self.acoustic_kind not in FITTABLE_KINDS or not self.ready:
+            raise MERTError(f"only a fitted {' / '.join(map(repr, FITTABLE_KINDS))} teacher has a state to save")
         meta = {"format": STATE_FORMAT, "acoustic": self.acoustic_kind, "seed": str(self.acoustic.seed),
                 "codebook_size": str(self.codebook_size)}
         with atomic_path(path) as tmp:

@@ -10,7 +10,7 @@ import torch
 
 from mert_plugin import MERTConfig
 from mert_plugin.errors import CheckpointError, MERTError
-from mert_plugin.teachers import (ENCODEC_CHECKPOINT, CQTTeacher, LabelGenerator, MFCCKMeansTeacher,
+from mert_plugin.teachers import (ENCODEC_CHECKPOINT, CQTKMeansTeacher, CQTTeacher, LabelGenerator, MFCCKMeansTeacher,
                                   build_encodec_24khz)
 
 
@@ -264,3 +264,37 @@ def test_mfcc_features_are_kaldi_mfcc_with_deltas():
     t = 10
     delta = sum(k * (mfcc[t + k] - mfcc[t - k]) for k in (1, 2)) / 10
     torch.testing.assert_close(feats[t, 13:26], delta, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ cqt-kmeans
+def _held_note(midi: int, seconds: float = 1.0, sr: int = 24000) -> torch.Tensor:
+    t = torch.arange(int(seconds * sr)) / sr
+    f0 = 440.0 * 2 ** ((midi - 69) / 12)
+    return sum(torch.sin(2 * math.pi * f0 * h * t) / h for h in (1, 2, 3)).float() * 0.3
+
+
+def test_cqt_kmeans_codes_are_stable_in_a_note_level_free_and_name_the_pitch(tmp_path):
+    notes = {m: _held_note(m, 3.0) for m in (48, 55, 60, 67, 72)}
+    gen = LabelGenerator.from_spec("cqt-kmeans", use_cqt=True, num_clusters=8, num_codebooks=2, seed=0)
+    gen.fit([synth_music(4.0, 1), *notes.values()], iters=10)
+    assert gen.acoustic.cqt is gen.cqt  # one CQT module for the target and the codes
+    majority = {}
+    for m, wav in notes.items():
+        codes, cqt = gen(wav[None])
+        assert codes.shape == (1, 2, student_frames(wav.numel())) and cqt.shape[1] == codes.shape[2]
+        inner = codes[0, 0, 75:-75]  # the middle second: the low bins' kernels reach ~1.4 s past the edges
+        values, counts = inner.unique(return_counts=True)
+        assert float(counts.max()) / inner.numel() > 0.9  # one code while the note is held
+        majority[m] = int(values[counts.argmax()])
+        quiet, _ = gen(0.01 * wav[None])  # -40 dB: the same spectrum, so the same codes
+        assert float((quiet[0, 0, 75:-75] == inner).float().mean()) > 0.95
+        torch.testing.assert_close(gen.acoustic(wav[None])[:, :, : codes.shape[2]], codes)  # same codes alone
+    assert len(set(majority.values())) >= 4  # five pitches, (at least) four different codes
+    state = str(tmp_path / "cqtkm.safetensors")
+    gen.save_state(state)
+    again = LabelGenerator.from_spec("cqt-kmeans", use_cqt=False, teacher_state=state, num_clusters=8, num_codebooks=2)
+    assert torch.equal(again(notes[60][None])[0], gen(notes[60][None])[0])
+    with pytest.raises(CheckpointError, match="centroids"):
+        LabelGenerator.from_spec("cqt-kmeans", use_cqt=False, teacher_state=state, num_clusters=16)
+    with pytest.raises(MERTError, match="too few"):
+        CQTKMeansTeacher(num_clusters=64).fit([_held_note(60, 0.2)])

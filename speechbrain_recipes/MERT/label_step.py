@@ -43,27 +43,28 @@ def spread(items: Sequence, max_items: int = 0) -> list:
 
 
 def build_generator(acoustic: str, encodec_checkpoint: Optional[str], use_cqt: bool,
-                    teacher_state: Optional[str], seed: int = 0):
-    """``LabelGenerator.from_spec`` with the state file only for teachers that have one."""
-    from mert_plugin.teachers import LabelGenerator
+                    teacher_state: Optional[str], seed: int = 0, **teacher_options):
+    """``LabelGenerator.from_spec`` with the state file only for teachers that have one;
+    ``teacher_options``: ``num_clusters`` / ``num_codebooks`` of the k-means teachers."""
+    from mert_plugin.teachers import FITTABLE_KINDS, LabelGenerator
 
-    state = teacher_state if acoustic in ("fitted", "mfcc-kmeans") else None
+    state = teacher_state if acoustic in FITTABLE_KINDS else None
     gen = LabelGenerator.from_spec(acoustic=acoustic, encodec_checkpoint=encodec_checkpoint, use_cqt=use_cqt,
-                                   teacher_state=state, seed=seed)
+                                   teacher_state=state, seed=seed, **teacher_options)
     if not gen.ready:
         raise MERTError(f"the {acoustic!r} teacher is not fitted: {teacher_state} is missing")
     return gen
 
 
 def fit_teacher(acoustic: str, teacher_state: str, files: Sequence[Tuple[str, str]], seed: int = 0,
-                **fit_kwargs) -> None:
-    """Fit a ``fitted``/``mfcc-kmeans`` acoustic teacher on ``files`` [(path, id)] unless
-    ``teacher_state`` exists; ``fit_kwargs`` go to the teacher's ``fit`` (e.g. ``iters``)."""
-    from mert_plugin.teachers import LabelGenerator
+                teacher_options: Optional[dict] = None, **fit_kwargs) -> None:
+    """Fit a fitted-kind acoustic teacher on ``files`` [(path, id)] unless ``teacher_state``
+    exists; ``fit_kwargs`` go to the teacher's ``fit`` (e.g. ``iters``)."""
+    from mert_plugin.teachers import FITTABLE_KINDS, LabelGenerator
 
-    if acoustic not in ("fitted", "mfcc-kmeans") or os.path.isfile(teacher_state):
+    if acoustic not in FITTABLE_KINDS or os.path.isfile(teacher_state):
         return
-    gen = LabelGenerator.from_spec(acoustic=acoustic, use_cqt=False, seed=seed)
+    gen = LabelGenerator.from_spec(acoustic=acoustic, use_cqt=False, seed=seed, **(teacher_options or {}))
     logger.info(f"Fitting the {acoustic!r} teacher on {len(files)} training files")
     gen.fit(_load_all(files, gen.sample_rate), **fit_kwargs)
     gen.save_state(teacher_state)
@@ -79,7 +80,8 @@ def _load_all(files: Sequence[Tuple[str, str]], sample_rate: int) -> Iterable:
 
 def ensure_offline_labels(files: Sequence[Tuple[str, str]], label_folder: str, acoustic: str,
                           encodec_checkpoint: Optional[str], use_cqt: bool, teacher_state: Optional[str],
-                          seed: int = 0, device: Optional[str] = None) -> Dict[str, int]:
+                          seed: int = 0, device: Optional[str] = None,
+                          teacher_options: Optional[dict] = None) -> Dict[str, int]:
     """Label the ``files`` [(path, id)] that have no labels in ``label_folder`` yet."""
     from mert_plugin.labels import generate_labels
 
@@ -89,7 +91,7 @@ def ensure_offline_labels(files: Sequence[Tuple[str, str]], label_folder: str, a
         logger.info(f"Offline labels in {label_folder} are complete")
         return {"labelled": 0}
     logger.info(f"Computing offline labels for {len(todo)} files into {label_folder}")
-    gen = build_generator(acoustic, encodec_checkpoint, use_cqt, teacher_state, seed)
+    gen = build_generator(acoustic, encodec_checkpoint, use_cqt, teacher_state, seed, **(teacher_options or {}))
     if device:
         gen.to(device)
     summary = generate_labels(todo, label_folder, gen, write_cqt=use_cqt, progress=True)
@@ -132,12 +134,13 @@ def prepare(hparams, device=None):
     plan = teacher_plan(hparams)
     fit_teacher(plan["acoustic"], hparams["teacher_state"],
                 spread(selected_files(hparams, "train"), hparams["teacher_fit_files"]),
-                hparams["seed"], **hparams["teacher_fit_options"])
+                hparams["seed"], hparams.get("teacher_options") or {}, **hparams["teacher_fit_options"])
     if plan["offline_codes"] or plan["offline_cqt"]:
         ensure_offline_labels(
             selected_files(hparams, "train") + selected_files(hparams, "valid"), hparams["label_folder"],
             plan["acoustic"] if plan["offline_codes"] else "none", hparams["encodec_checkpoint"],
-            plan["offline_cqt"], hparams["teacher_state"], hparams["seed"], device)
+            plan["offline_cqt"], hparams["teacher_state"], hparams["seed"], device,
+            hparams.get("teacher_options") or {})
 
 
 def online_generator(hparams):
@@ -146,4 +149,5 @@ def online_generator(hparams):
     if not (plan["online_codes"] or plan["online_cqt"]):
         return None
     return build_generator(plan["acoustic"] if plan["online_codes"] else "none", hparams["encodec_checkpoint"],
-                           plan["online_cqt"], hparams["teacher_state"], hparams["seed"])
+                           plan["online_cqt"], hparams["teacher_state"], hparams["seed"],
+                           **(hparams.get("teacher_options") or {}))
