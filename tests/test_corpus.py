@@ -16,8 +16,9 @@ import torch
 
 from mert_plugin.corpus import build_corpus, read_task_csv
 from mert_plugin.corpus.cli import main as corpus_main
-from mert_plugin.corpus.render import (GM_INSTRUMENTS, TIMBRES, Note, bundled_soundfont, find_fluidsynth,
-                                       import_tinysoundfont, notes_to_midi, render_synth)
+from mert_plugin.corpus.render import (GM_INSTRUMENTS, GM_PROGRAMS, SOUNDFONT_PITCH_RANGE, TIMBRES, Note,
+                                       bundled_soundfont, find_fluidsynth, import_tinysoundfont, notes_to_midi,
+                                       render_synth)
 from mert_plugin.corpus.scores import KEY_CLASSES, key_of, score_to_notes, transpose_key
 from mert_plugin.corpus.tables import CorpusError, assign_splits
 from mert_plugin.corpus.userdata import import_folder
@@ -155,16 +156,46 @@ def test_soundfont_render_is_audible_and_deterministic(instrument):
     assert np.array_equal(a, after_cut) and np.array_equal(a, fresh)
 
 
+ALL_PROGRAMS = [(family, program) for family, i in GM_INSTRUMENTS.items() for program in i.programs]
+
+
+def test_gm_families_have_several_programs_each_in_one_family():
+    assert all(len(i.programs) >= 3 for i in GM_INSTRUMENTS.values())
+    programs = [p for _, p in ALL_PROGRAMS]
+    assert len(programs) == len(set(programs)) and set(programs) == set(GM_PROGRAMS)
+    assert not set(programs) & set(range(16, 20))  # no organ: TimGM6mb's sound an octave low
+
+
 @needs_soundfont
-@pytest.mark.parametrize("instrument", list(GM_INSTRUMENTS))
-@pytest.mark.parametrize("midi", [45, 52, 60, 67, 74])
-def test_soundfont_note_has_the_pitch_of_its_midi_number(instrument, midi):
+@pytest.mark.parametrize("family, program", ALL_PROGRAMS)
+def test_soundfont_program_sounds_at_its_midi_number(family, program):
+    """Every program the corpus plays, at every pitch of SOUNDFONT_PITCH_RANGE (which holds the
+    default pitch range 48-72; build_corpus warns beyond it): YIN f0 within 50 cents, early and
+    late in the note (a sample an octave off, like TimGM6mb's organs, fails)."""
     from mert_plugin.corpus.render import render_soundfont
 
-    y = render_soundfont([Note(0.0, 1.5, midi, 90)], instrument, np.random.default_rng(midi), max_seconds=2.0)
-    assert len(y) == 2 * SR
-    f0 = yin_f0(y[int(0.15 * SR):int(0.15 * SR) + 3000], SR)
-    assert abs(cents(f0, midi)) < 50, f"{instrument} {midi}: f0 {f0:.1f} Hz"
+    lo, hi = SOUNDFONT_PITCH_RANGE
+    assert lo <= 48 and 72 <= hi
+    for midi in range(lo, hi + 1):
+        y = render_soundfont([Note(0.0, 0.9, midi, 90)], family, np.random.default_rng(midi), program=program,
+                             max_seconds=1.2)
+        assert len(y) == int(1.2 * SR)
+        for start in (0.15, 0.6):
+            f0 = yin_f0(y[int(start * SR):int(start * SR) + 3000], SR)
+            assert abs(cents(f0, midi)) < 50, f"{family} program {program} MIDI {midi} at {start} s: {f0:.1f} Hz"
+
+
+@needs_soundfont
+def test_soundfont_programs_of_a_family_differ_and_others_are_refused():
+    from mert_plugin.corpus import RenderError
+    from mert_plugin.corpus.render import render_soundfont
+
+    notes = [Note(0.0, 0.5, 60, 90)]
+    ys = [render_soundfont(notes, "reed", np.random.default_rng(0), program=p) for p in GM_INSTRUMENTS["reed"].programs]
+    assert np.array_equal(ys[0], render_soundfont(notes, "reed", np.random.default_rng(0)))  # the reference one
+    assert all(not np.array_equal(a, b) for i, a in enumerate(ys) for b in ys[i + 1:])
+    with pytest.raises(RenderError, match="not one of the reed family"):
+        render_soundfont(notes, "reed", np.random.default_rng(0), program=0)
 
 
 @needs_soundfont
@@ -241,6 +272,68 @@ def test_soundfont_corpus_is_byte_identical_for_a_seed(soundfont_corpus, tmp_pat
     out, _ = soundfont_corpus
     build_corpus(tmp_path / "again", seed=0, **{**SMALL, "renderer": "soundfont"})  # = what auto picked
     assert tree_digest(tmp_path / "again") == tree_digest(out)
+
+
+def test_program_splits_keep_valid_and_test_programs_out_of_training():
+    from mert_plugin.corpus.build import note_programs, split_programs
+
+    for seed in range(20):
+        plan = split_programs(list(GM_INSTRUMENTS), seed)
+        for family, by_split in plan.items():
+            programs = [p for s in ("train", "valid", "test") for p in by_split[s]]
+            assert sorted(programs) == sorted(GM_INSTRUMENTS[family].programs)  # each in exactly one split
+            assert [len(by_split[s]) for s in ("train", "valid", "test")] == [2, 1, 1]
+            assert note_programs(by_split, 1) == by_split["train"][:1]
+            assert {s for s, ps in by_split.items() for p in note_programs(by_split, 2) if p in ps} == {"train", "test"}
+            assert sorted(note_programs(by_split, 9)) == sorted(programs)
+    assert split_programs(["piano"], 0) == split_programs(["piano"], 0)
+    assert len({str(split_programs(["piano"], seed)) for seed in range(20)}) > 3  # the seed picks the test program
+
+
+def _split_of_programs(out: Path, tasks) -> dict:
+    """{program: {splits}} over the given task CSVs, checking each row's program is of its family."""
+    seen: dict = {}
+    for task in tasks:
+        with open(out / f"{task}.csv") as f:
+            for r in csv.DictReader(f):
+                assert int(r["program"]) in GM_INSTRUMENTS[r["timbre"]].programs, r
+                seen.setdefault(int(r["program"]), set()).add(r["split"])
+    return seen
+
+
+def test_soundfont_corpus_never_plays_a_program_in_two_splits(soundfont_corpus):
+    out, m = soundfont_corpus
+    pieces = _split_of_programs(out, ("key", "composer", "instrument"))
+    notes = _split_of_programs(out, ("pitch",))
+    both = _split_of_programs(out, ("key", "composer", "instrument", "pitch"))
+    assert all(len(s) == 1 for s in both.values()), both  # across tasks too
+    for family, by_split in m["programs"].items():
+        for split, programs in by_split.items():
+            assert all(both.get(p, {split}) == {split} for p in programs)
+    # the pitch task (3 programs per family here) hears every family in train, valid and test
+    for family in GM_INSTRUMENTS:
+        splits = {s for p in GM_INSTRUMENTS[family].programs for s in notes.get(p, ())}
+        assert splits == {"train", "valid", "test"}, family
+    assert {s for ss in pieces.values() for s in ss} == {"train", "test"}  # SMALL has no valid piece
+    versions = [v for p in m["pieces"] for v in p["versions"]]
+    assert all(v["program"] in m["programs"][v["timbre"]][p["split"]] for p in m["pieces"] for v in p["versions"])
+    assert len(versions) == SMALL["num_pieces"] * SMALL["versions_per_piece"]
+    assert [p["program"] for p in m["note_presets"]] == [int(x) for x in read_task_csv(out / "pitch.csv").extra[
+        "program"][::4]]  # 4 pitches per preset, in preset order
+
+
+def test_note_variants_beyond_a_familys_programs_warn_and_use_them_all(tmp_path):
+    if not HAS_SOUNDFONT:
+        pytest.skip("tinysoundfont or pretty_midi's TimGM6mb.sf2 not installed")
+    with pytest.warns(UserWarning, match="note_variants=6"):
+        m = build_corpus(tmp_path / "c", tasks=("pitch",), timbres=("flute",), note_variants=6, renderer="soundfont",
+                         pitch_range=(60, 60), note_seconds=0.3, progress=False)
+    presets = m["note_presets"]
+    assert sorted(p["program"] for p in presets) == sorted(GM_INSTRUMENTS["flute"].programs)
+    assert sorted(p["split"] for p in presets) == ["test", "train", "train", "valid"]
+    with pytest.warns(UserWarning, match="beyond MIDI"):
+        build_corpus(tmp_path / "c", tasks=("pitch",), timbres=("flute",), note_variants=1, renderer="soundfont",
+                     pitch_range=(40, 40), note_seconds=0.3, progress=False)
 
 
 def test_synth_timbre_names_are_refused_by_the_soundfont_renderer(tmp_path):

@@ -5,7 +5,8 @@ Output folder layout::
     OUT/
       corpus.json                 manifest: tasks, classes, seed, settings, pieces
       key.csv composer.csv instrument.csv pitch.csv
-      audio/pieces/<composer>/<piece>/t<shift>_<timbre>_<clip>.wav
+      audio/pieces/<composer>/<piece>/t<shift>_<timbre>_<clip>.wav        (synth)
+      audio/pieces/<composer>/<piece>/t<shift>_<family>-gm<program>_<clip>.wav  (soundfont, fluidsynth)
       audio/notes/<timbre>/v<variant>/p<midi>.wav
       .cache/                     parsed scores (JSON), markers of finished units
 
@@ -24,12 +25,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .render import (SAMPLE_RATE, SOUNDFONT_VERSION, SYNTH_VERSION, Note, RenderError, file_sha256,
-                     find_fluidsynth, find_soundfont, import_tinysoundfont, instrument_set, render_fluidsynth,
-                     render_soundfont, render_synth, timbre_preset)
+from .render import (GM_INSTRUMENTS, SAMPLE_RATE, SOUNDFONT_PITCH_RANGE, SOUNDFONT_VERSION, SYNTH_VERSION, Note,
+                     RenderError, file_sha256, find_fluidsynth, find_soundfont, import_tinysoundfont,
+                     instrument_set, render_fluidsynth, render_soundfont, render_synth, timbre_preset)
 from .scores import (DEFAULT_BPM, DEFAULT_COMPOSERS, KEY_CLASSES, MODAL_COLLECTIONS, PITCH_CLASS_NAMES,
                      PieceInfo, candidate_order, parse_piece, transpose_key, transpose_notes)
-from .tables import (CorpusError, assign_splits, atomic_write_bytes, atomic_write_json,
+from .tables import (SPLITS, CorpusError, assign_splits, atomic_write_bytes, atomic_write_json,
                      split_counts, stable_hash, write_task_csv)
 
 ALL_TASKS = ("key", "composer", "instrument", "pitch")
@@ -84,14 +85,15 @@ def resolve_renderer(renderer: str, soundfont: Optional[str] = None) -> Tuple[st
 
 def render_notes(notes: Sequence[Note], timbre: str, rng: np.random.Generator, *, renderer: str,
                  soundfont: Optional[str], sample_rate: int, max_seconds: Optional[float],
-                 preset: Optional[dict] = None) -> np.ndarray:
-    """Dispatch to the chosen renderer; ``float32 [num_samples]``."""
+                 preset: Optional[dict] = None, program: Optional[int] = None) -> np.ndarray:
+    """Dispatch to the chosen renderer; ``float32 [num_samples]``. ``program`` (a GM program
+    of the family ``timbre``) is for the sample-based renderers; the synth has none."""
     if renderer == "fluidsynth":
-        return render_fluidsynth(notes, timbre, sample_rate=sample_rate, soundfont=soundfont,
+        return render_fluidsynth(notes, timbre, program=program, sample_rate=sample_rate, soundfont=soundfont,
                                  max_seconds=max_seconds)
     if renderer == "soundfont":
-        return render_soundfont(notes, timbre, rng, sample_rate=sample_rate, soundfont=soundfont, preset=preset,
-                                max_seconds=max_seconds)
+        return render_soundfont(notes, timbre, rng, program=program, sample_rate=sample_rate, soundfont=soundfont,
+                                preset=preset, max_seconds=max_seconds)
     return render_synth(notes, timbre, rng, sample_rate=sample_rate, preset=preset, max_seconds=max_seconds)
 
 
@@ -234,6 +236,38 @@ def plan_tonics(pieces: Sequence[PieceInfo], splits: Dict[str, str], in_key_task
     return plan
 
 
+def split_programs(families: Sequence[str], seed: int,
+                   fractions: Sequence[float] = (0.7, 0.15, 0.15)) -> Dict[str, Dict[str, List[int]]]:
+    """``{family: {split: [GM programs]}}`` for the sample-based renderers.
+
+    Every family's programs (:data:`~.render.GM_INSTRUMENTS`) are split like pieces
+    (:func:`~.tables.assign_splits` over ``"<family>/gm<program>"``, one stratum per
+    family): with 4 programs, 2 train, 1 valid and 1 test; with 3, one each. A program
+    is in one split only, for the pitch task and the piece tasks alike, so valid and
+    test clips are played by instruments never heard in training. Each list follows
+    the family's own program order."""
+    out: Dict[str, Dict[str, List[int]]] = {}
+    for family in families:
+        programs = GM_INSTRUMENTS[family].programs
+        groups = {f"{family}/gm{p}": p for p in programs}
+        splits = assign_splits(groups, seed, fractions)
+        out[family] = {s: [p for g, p in groups.items() if splits[g] == s] for s in SPLITS}
+    return out
+
+
+def note_programs(by_split: Dict[str, List[int]], n: int) -> List[int]:
+    """The first ``n`` programs of a family for the pitch task, taken from its splits in
+    turn (train, test, valid, train, ...), so that 2 programs give a train and a test
+    one, 3 programs all three splits, and all of them the whole family."""
+    queues = [list(by_split[s]) for s in ("train", "test", "valid")]
+    order: List[int] = []
+    while any(queues):
+        for q in queues:
+            if q:
+                order.append(q.pop(0))
+    return order[:n]
+
+
 def _slug(piece: str) -> str:
     """``"mozart/k155/movement1.mxl" -> "k155_movement1"`` (file-system safe)."""
     stem = piece.split("/", 1)[-1].rsplit(".", 1)[0]
@@ -264,6 +298,13 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
     clips and versions of a piece share a split; note presets are split per timbre by
     ``stable_hash(seed, "<timbre>/v<variant>")``, so a preset's notes all share a split
     and test presets are never heard in training.
+
+    With the sample-based renderers (``soundfont``, ``fluidsynth``) a timbre is a family
+    of GM programs, split by program (:func:`split_programs`), as NSynth keeps test
+    instruments out of training: a note preset is one program (``note_variants`` is
+    then the number of programs per family, at most the family's, see
+    :func:`note_programs`) and takes that program's split; a version of a piece plays a
+    program of its family from the piece's split, dealt in balanced order.
     """
     from ..progress import progress_bar
 
@@ -281,6 +322,8 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                           f"{list(instruments)}" + ("" if renderer == "synth" else
                                                     ", or pass --renderer synth for the synth's timbres"))
     soundfont_sha256 = file_sha256(soundfont) if soundfont else None
+    sampled = renderer != "synth"  # timbres are GM program families, split by program
+    programs = split_programs(timbres, seed, split_fractions) if sampled else {}
     # What the audio depends on besides the settings: cached units of another renderer,
     # renderer version or soundfont file are never reused.
     render_id = (renderer, SYNTH_VERSION if renderer == "synth" else SOUNDFONT_VERSION, soundfont_sha256)
@@ -305,6 +348,8 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                        and p.composer not in MODAL_COLLECTIONS for p in pieces}
         tonics = plan_tonics(pieces, splits, in_key_task, versions_per_piece, seed)
         unit_timbres = _balanced(list(timbres), n_units, rng_for(seed, "timbres"))
+        unit_programs = _plan_unit_programs(pieces, splits, unit_timbres, versions_per_piece, programs, seed,
+                                            split_fractions) if sampled else {}
         n_clip = int(round(clip_seconds * sr))
         bar = progress_bar(total=n_units, desc="render pieces", unit="version", disable=not progress)
         for i, info in enumerate(pieces):
@@ -317,15 +362,18 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                 target = tonics[info.piece, v]
                 shift = ((target - PITCH_CLASS_NAMES.index(tonic) + 6) % 12) - 6 if transpose else 0
                 timbre = unit_timbres[u]
+                program = unit_programs.get(u)
                 key = transpose_key(info.key, shift)
-                stem = f"audio/pieces/{info.composer}/{_slug(info.piece)}/t{shift:+d}_{timbre}"
+                voice = timbre if program is None else f"{timbre}-gm{program}"
+                stem = f"audio/pieces/{info.composer}/{_slug(info.piece)}/t{shift:+d}_{voice}"
                 unit_key = stable_hash(*render_id, PARSE_VERSION, soundfont, sr, max_piece_seconds,
-                                       default_bpm, clip_seconds, wav_subtype, seed, info.piece, v, shift, timbre)
+                                       default_bpm, clip_seconds, wav_subtype, seed, info.piece, v, shift, timbre,
+                                       *(() if program is None else (program,)))
 
-                def make_clips(info=info, shift=shift, timbre=timbre, v=v):
+                def make_clips(info=info, shift=shift, timbre=timbre, v=v, program=program):
                     audio = render_notes(transpose_notes(info.notes, shift), timbre,
                                          rng_for(seed, "unit", info.piece, v), max_seconds=max_piece_seconds,
-                                         **render_kw)
+                                         program=program, **render_kw)
                     clips = [audio[j * n_clip:(j + 1) * n_clip] for j in range(len(audio) // n_clip)]
                     # Drop near-silent clips (long rests): they carry no label information.
                     return [c if np.sqrt(np.mean(c.astype(np.float64) ** 2)) >= SILENCE_RMS else None
@@ -336,7 +384,8 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                 for j in kept:
                     common = {"path": f"{stem}_{j:02d}.wav", "split": splits[info.piece], "piece": info.piece,
                               "composer": info.composer, "timbre": timbre, "transpose": shift,
-                              "key": key, "start_s": round(j * clip_seconds, 3)}
+                              "key": key, "start_s": round(j * clip_seconds, 3),
+                              **({} if program is None else {"program": program})}
                     if in_key_task[info.piece]:
                         rows["key"].append({**common, "label": key,
                                             "key_correlation": round(info.key_correlation, 4)})
@@ -344,7 +393,9 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                         rows["composer"].append({**common, "label": info.composer})
                     if "instrument" in tasks:
                         rows["instrument"].append({**common, "label": timbre})
-                entry["versions"].append({"transpose": shift, "timbre": timbre, "key": key, "clips": len(kept)})
+                entry["versions"].append({"transpose": shift, "timbre": timbre,
+                                          **({} if program is None else {"program": program}),
+                                          "key": key, "clips": len(kept)})
                 bar.update(1)
             manifest_pieces.append(entry)
         bar.close()
@@ -353,33 +404,45 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
     note_presets: List[dict] = []
     if "pitch" in tasks:
         pitches = list(range(pitch_range[0], pitch_range[1] + 1))
-        groups = {f"{t}/v{v}": t for t in timbres for v in range(note_variants)}
-        note_splits = assign_splits(groups, seed, split_fractions, strata=groups)
+        group_programs: Dict[str, int] = {}
+        if sampled:
+            _check_note_programs(timbres, note_variants, pitch_range)
+            for t in timbres:
+                for v, p in enumerate(note_programs(programs[t], note_variants)):
+                    group_programs[f"{t}/v{v}"] = p
+            groups = {g: g.split("/")[0] for g in group_programs}
+            split_of = {p: s for t in timbres for s, ps in programs[t].items() for p in ps}
+            note_splits = {g: split_of[p] for g, p in group_programs.items()}
+        else:
+            groups = {f"{t}/v{v}": t for t in timbres for v in range(note_variants)}
+            note_splits = assign_splits(groups, seed, split_fractions, strata=groups)
         n_note = int(round(note_seconds * sr))
         hold = 0.75 * note_seconds  # key down for 3/4 of the clip, then the release rings out
         bar = progress_bar(total=len(groups), desc="render notes", unit="preset", disable=not progress)
         for group, timbre in groups.items():
             prng = rng_for(seed, "note-preset", group)
             preset, velocity = timbre_preset(prng), int(prng.integers(50, 121))
+            program = group_programs.get(group)
             unit_key = stable_hash(*render_id, soundfont, sr, note_seconds, wav_subtype, seed,
-                                   group, pitch_range[0], pitch_range[1])
+                                   group, pitch_range[0], pitch_range[1], *(() if program is None else (program,)))
 
-            def make_notes(group=group, timbre=timbre, preset=preset, velocity=velocity):
+            def make_notes(group=group, timbre=timbre, preset=preset, velocity=velocity, program=program):
                 clips = []
                 for p in pitches:
                     y = render_notes([Note(0.0, hold, p, velocity)], timbre, rng_for(seed, "note", group, p),
-                                     max_seconds=note_seconds, preset=preset, **render_kw)
+                                     max_seconds=note_seconds, preset=preset, program=program, **render_kw)
                     clips.append(np.pad(y[:n_note], (0, max(0, n_note - len(y)))))  # exactly note_seconds
                 return clips
 
             kept = _cached_clips(out, cache / "units" / f"{unit_key:016x}.json",
                                  lambda k, group=group: f"audio/notes/{group}/p{pitches[k]:03d}.wav",
                                  make_notes, sr, wav_subtype)
+            with_program = {} if program is None else {"program": program}
             for k in kept:
                 rows["pitch"].append({"path": f"audio/notes/{group}/p{pitches[k]:03d}.wav", "label": str(pitches[k]),
                                       "split": note_splits[group], "piece": group, "timbre": timbre,
-                                      "velocity": velocity})
-            note_presets.append({"preset": group, "timbre": timbre, "split": note_splits[group],
+                                      "velocity": velocity, **with_program})
+            note_presets.append({"preset": group, "timbre": timbre, **with_program, "split": note_splits[group],
                                  "velocity": velocity, **{k: round(v, 4) for k, v in preset.items()}})
             bar.update(1)
         bar.close()
@@ -394,7 +457,9 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                f"correlation is below {key_min_correlation} are left out",
         "composer": "composer (music21 corpus folder) of the piece",
         "instrument": ("synth timbre the whole piece was rendered with" if renderer == "synth" else
-                       "General MIDI instrument (soundfont program) the whole piece was rendered with"),
+                       "instrument family (General MIDI programs that make sound the same way) the whole piece "
+                       "was rendered with; the GM program is in the 'program' column, and valid/test versions "
+                       "play programs never heard in training"),
         "pitch": "MIDI pitch of an isolated note (NSynth-like)",
     }
     manifest_tasks = {}
@@ -406,6 +471,15 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
         manifest_tasks[t] = {"csv": f"{t}.csv", "type": "multiclass", "metric": "accuracy",
                              "classes": classes[t], "description": descriptions[t],
                              "num_clips": split_counts([r["split"] for r in rows[t]])}
+    split_rule = ("pieces: per composer, ordered by sha256(seed, piece), cut 70/15/15 (at least one "
+                  "valid and one test piece per composer with >= 3 pieces); notes: the same rule over "
+                  "'<timbre>/v<variant>' presets, per timbre")
+    if sampled:
+        split_rule = ("pieces: per composer, ordered by sha256(seed, piece), cut 70/15/15 (at least one valid and "
+                      "one test piece per composer with >= 3 pieces); GM programs: the same rule over "
+                      "'<family>/gm<program>', per family (4 programs: 2 train, 1 valid, 1 test); a version of a "
+                      "piece plays a program of its family from the piece's split; a note preset is one program "
+                      "and has its split")
     manifest = {
         "format": MANIFEST_FORMAT,
         "sample_rate": sr,
@@ -416,6 +490,7 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
         "soundfont_sha256": soundfont_sha256,
         "tasks": manifest_tasks,
         "timbres": {t: instruments[t] for t in timbres},
+        **({"programs": programs} if sampled else {}),
         "settings": {"num_pieces": num_pieces, "composers": list(composers), "versions_per_piece": versions_per_piece,
                      "max_piece_seconds": max_piece_seconds, "transpose": transpose,
                      "note_variants": note_variants, "pitch_range": list(pitch_range), "note_seconds": note_seconds,
@@ -426,12 +501,47 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
         "pieces": manifest_pieces,
         "note_presets": note_presets,
         "skipped_pieces": skipped,
-        "split_rule": "pieces: per composer, ordered by sha256(seed, piece), cut 70/15/15 (at least one "
-                      "valid and one test piece per composer with >= 3 pieces); notes: the same rule over "
-                      "'<timbre>/v<variant>' presets, per timbre",
+        "split_rule": split_rule,
     }
     atomic_write_json(out / "corpus.json", manifest)
     return manifest
+
+
+def _plan_unit_programs(pieces: Sequence[PieceInfo], splits: Dict[str, str], unit_timbres: Sequence[str],
+                        versions: int, programs: Dict[str, Dict[str, List[int]]], seed: int,
+                        fractions: Sequence[float]) -> Dict[int, int]:
+    """GM program of every version ``u`` (index ``piece * versions + v``): the versions of
+    one family in one split get that family's programs of that split, in balanced order."""
+    units: Dict[Tuple[str, str], List[int]] = {}
+    for i, info in enumerate(pieces):
+        for v in range(versions):
+            u = i * versions + v
+            units.setdefault((unit_timbres[u], splits[info.piece]), []).append(u)
+    plan: Dict[int, int] = {}
+    for (family, split), us in sorted(units.items()):
+        pool = programs[family][split]
+        if not pool:
+            raise CorpusError(f"the {family} family has no GM program in the {split} split, but {split} pieces "
+                              f"need one (split fractions {list(fractions)} leave its "
+                              f"{len(GM_INSTRUMENTS[family].programs)} programs none there)")
+        for u, p in zip(us, _balanced(pool, len(us), rng_for(seed, "programs", family, split))):
+            plan[u] = p
+    return plan
+
+
+def _check_note_programs(timbres: Sequence[str], note_variants: int, pitch_range: Tuple[int, int]) -> None:
+    """Warn when the pitch task asks for more programs than a family has (it gets them all),
+    or for pitches outside the range the programs were checked over."""
+    short = {t: len(GM_INSTRUMENTS[t].programs) for t in timbres if len(GM_INSTRUMENTS[t].programs) < note_variants}
+    if short:
+        warnings.warn(f"note_variants={note_variants}: with a sample-based renderer a note preset is one GM "
+                      f"program, and these families have fewer: {short}; the pitch task uses all of their "
+                      f"programs instead", stacklevel=3)
+    lo, hi = SOUNDFONT_PITCH_RANGE
+    if pitch_range[0] < lo or pitch_range[1] > hi:
+        warnings.warn(f"pitch_range {tuple(pitch_range)} goes beyond MIDI {lo}-{hi}, where every GM program "
+                      f"of TimGM6mb was checked to sound at its label; outside it some notes of some programs sound an "
+                      f"octave off or out of tune (docs/CORPUS_AND_PROBING.md §1.3)", stacklevel=3)
 
 
 def _package_version(name: str) -> Optional[str]:

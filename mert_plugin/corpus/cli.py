@@ -42,9 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tasks", nargs="+", default=list(ALL_TASKS), choices=ALL_TASKS)
     b.add_argument("--timbres", nargs="+", choices=list(dict.fromkeys([*GM_INSTRUMENTS, *TIMBRES])),
                    help=f"instrument classes (default: all of the renderer's). soundfont/fluidsynth: "
-                        f"{' '.join(GM_INSTRUMENTS)}; synth: {' '.join(TIMBRES)}")
+                        f"{' '.join(GM_INSTRUMENTS)} (families of 4 GM programs, split by program); "
+                        f"synth: {' '.join(TIMBRES)}")
     b.add_argument("--no-transpose", action="store_true", help="render pieces in their written key")
-    b.add_argument("--note-variants", type=int, default=4, help="presets per timbre for the pitch task")
+    b.add_argument("--note-variants", type=int, default=4,
+                   help="presets per timbre for the pitch task; soundfont/fluidsynth: GM programs per family, "
+                        "each preset one program (at most 4, all of a family's; more warns and uses all)")
     b.add_argument("--pitch-min", type=int, default=48)
     b.add_argument("--pitch-max", type=int, default=72)
     b.add_argument("--note-seconds", type=float, default=2.0)

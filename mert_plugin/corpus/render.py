@@ -6,10 +6,11 @@ Three renderers:
   synthesis and Karplus-Strong, ADSR envelopes and a short synthetic room reverb.
   Every random choice comes from the ``numpy.random.Generator`` passed in, so the
   same seed gives the same samples.
-* ``soundfont`` (pip only): sampled General MIDI instruments (:data:`GM_INSTRUMENTS`)
-  played by ``tinysoundfont`` from a SoundFont, by default the ``TimGM6mb.sf2`` that
-  the ``pretty_midi`` wheel ships. The same seeded room and brightness variation as
-  the synth are applied afterwards.
+* ``soundfont`` (pip only): sampled General MIDI instruments played by ``tinysoundfont``
+  from a SoundFont, by default the ``TimGM6mb.sf2`` that the ``pretty_midi`` wheel
+  ships. An instrument class is a family of several GM programs
+  (:data:`GM_INSTRUMENTS`, :data:`GM_PROGRAMS`); a render plays one of them. The same
+  seeded room and brightness variation as the synth are applied afterwards.
 * ``fluidsynth`` (optional): writes a Standard MIDI File and calls the
   ``fluidsynth`` binary with a General MIDI soundfont, when both are installed.
 
@@ -37,7 +38,9 @@ from ..errors import MERTError
 SAMPLE_RATE = 24000
 # Bumped whenever the synthesis changes, so cached renders are not reused.
 SYNTH_VERSION = 2
-SOUNDFONT_VERSION = 1  # the same for the soundfont renderer (tinysoundfont + post-processing)
+# The same for the soundfont renderer (tinysoundfont + post-processing) and its program
+# families: 2 = families of several GM programs, split by program.
+SOUNDFONT_VERSION = 2
 SOUNDFONT_DIRS = ("/usr/share/sounds/sf2", "/usr/share/soundfonts", "/usr/share/sounds/sf3")
 
 
@@ -298,34 +301,87 @@ def finish(x: np.ndarray, sr: int, max_seconds: Optional[float], peak: float) ->
 
 @dataclass(frozen=True)
 class GMInstrument:
-    """An instrument class of the sample-based renderers: one General MIDI program (0-based)."""
+    """An instrument class of the sample-based renderers: a family of General MIDI programs
+    (0-based) that make sound the same way. ``programs[0]`` is the family's reference
+    program, played when a render names no program."""
 
     name: str
-    program: int
+    programs: Tuple[int, ...]
     description: str
+
+    @property
+    def program(self) -> int:
+        return self.programs[0]
+
+
+# General MIDI name and TimGM6mb preset name of every program the families use.
+GM_PROGRAMS: Dict[int, Tuple[str, str]] = {
+    0: ("acoustic grand piano", "Piano 1"),
+    2: ("electric grand piano", "Piano 3"),
+    4: ("electric piano 1", "E.Piano 1"),
+    7: ("clavinet", "Clavinet"),
+    24: ("nylon-string guitar", "Nylon Guitar"),
+    25: ("steel-string guitar", "Steel Guitar"),
+    26: ("jazz electric guitar", "Jazz Guitar"),
+    27: ("clean electric guitar", "Clean Guitar"),
+    48: ("string ensemble 1", "Strings CLP"),
+    40: ("violin", "Violin"),
+    42: ("cello", "Cello"),
+    43: ("contrabass", "Contrabass"),
+    61: ("brass section", "Brass"),
+    56: ("trumpet", "SoloTrumpet"),
+    57: ("trombone", "Trombone"),
+    60: ("french horn", "French Horns"),
+    71: ("clarinet", "Clarinet"),
+    64: ("soprano sax", "SopSax (TB) v2.3"),
+    69: ("english horn", "English Horn"),
+    70: ("bassoon", "Bassoon"),
+    73: ("flute", "Flute TB"),
+    72: ("piccolo", "Piccolo"),
+    75: ("pan flute", "Pan Flute"),
+    79: ("ocarina", "Ocarina"),
+}
+
+
+def _family(name: str, programs: Tuple[int, ...], how: str) -> GMInstrument:
+    listed = ", ".join(f"{p} {GM_PROGRAMS[p][0]}" for p in programs)
+    return GMInstrument(name, programs, f"{how}: GM programs {listed} (sampled)")
 
 
 # Six families that differ in how the sound is made (struck, plucked, bowed, lip reed,
-# cane reed, air jet). No organ: every organ of TimGM6mb (GM 16-19) sounds a 16' rank an
-# octave below the key, so an organ note's f0 is an octave below its MIDI label.
+# cane reed, air jet), four GM programs each, every one with samples of its own in
+# TimGM6mb. The corpus splits each family by program (train/valid/test programs are
+# disjoint), so the instrument and pitch tasks test instruments never heard in training.
+# Every program was checked with the tests' YIN method: the f0 of a rendered note is
+# within 50 cents of its MIDI number over SOUNDFONT_PITCH_RANGE, with no sample an
+# octave off. Left out of TimGM6mb's candidates:
+#   1 bright piano, 41 viola, 49 slow strings: the samples of 0, 40, 48 again;
+#   3 honky-tonk (detuned chorus: YIN an octave off at MIDI 52, 56-59, 65),
+#   5 electric piano 2 (MIDI 59 sounds 100 cents sharp), 65 alto sax (MIDI 64 is silent),
+#   68 oboe (fundamental 17-19 dB below the 2nd harmonic at MIDI 74-78: an octave off),
+#   74 recorder (octave off at MIDI 48-51), 77 shakuhachi, 78 whistle (never in tune);
+#   organs 16-19: a 16' rank an octave below the key.
 GM_INSTRUMENTS: Dict[str, GMInstrument] = {
     i.name: i
     for i in (
-        GMInstrument("piano", 0, "GM program 0, acoustic grand piano (sampled)"),
-        GMInstrument("guitar", 24, "GM program 24, nylon-string acoustic guitar (sampled)"),
-        GMInstrument("strings", 48, "GM program 48, string ensemble (sampled)"),
-        GMInstrument("brass", 61, "GM program 61, brass section (sampled)"),
-        GMInstrument("reed", 71, "GM program 71, clarinet (sampled)"),
-        GMInstrument("flute", 73, "GM program 73, flute (sampled)"),
+        _family("piano", (0, 2, 4, 7), "struck keyboards"),
+        _family("guitar", (24, 25, 26, 27), "plucked guitars"),
+        _family("strings", (48, 40, 42, 43), "bowed strings"),
+        _family("brass", (61, 56, 57, 60), "brass"),
+        _family("reed", (71, 64, 69, 70), "reeds"),
+        _family("flute", (73, 72, 75, 79), "flutes and pipes"),
     )
 }
+# MIDI range over which every program of GM_INSTRUMENTS was checked to sound at its
+# label (YIN f0 within 50 cents). Piccolo fails below 47, soprano sax above 87.
+SOUNDFONT_PITCH_RANGE = (47, 87)
 BUNDLED_SOUNDFONT = ("pretty_midi", "TimGM6mb.sf2")  # (package, file) of the pip-installed default
 SOUNDFONT_TAIL_S = 1.0  # rendered after the last note-off, for the release
 
 
 def instrument_set(renderer: str) -> Dict[str, str]:
     """``{instrument class: description}`` of a renderer: the synth's timbres, or the GM
-    programs of the sample-based renderers (``soundfont``, ``fluidsynth``)."""
+    program families of the sample-based renderers (``soundfont``, ``fluidsynth``)."""
     if renderer == "synth":
         return {t.name: t.description for t in TIMBRES.values()}
     return {i.name: i.description for i in GM_INSTRUMENTS.values()}
@@ -453,12 +509,28 @@ def tilt(x: np.ndarray, sr: int, brightness: float, corner_hz: float = 1000.0) -
     return low + brightness ** 2 * (x - low)
 
 
+def gm_program(instrument: str, program: Optional[int] = None) -> int:
+    """The GM program a sample-based renderer plays for ``instrument``: ``program`` (which
+    must belong to the family) or the family's reference program."""
+    if instrument not in GM_INSTRUMENTS:
+        raise RenderError(f"unknown instrument {instrument!r} for the sample-based renderers; "
+                          f"choose from {list(GM_INSTRUMENTS)}")
+    family = GM_INSTRUMENTS[instrument]
+    if program is None:
+        return family.program
+    if program not in family.programs:
+        raise RenderError(f"GM program {program} is not one of the {instrument} family's programs "
+                          f"{list(family.programs)}")
+    return int(program)
+
+
 def render_soundfont(notes: Sequence[Note], instrument: str, rng: np.random.Generator, *,
-                     sample_rate: int = SAMPLE_RATE, soundfont: Optional[str] = None,
+                     program: Optional[int] = None, sample_rate: int = SAMPLE_RATE, soundfont: Optional[str] = None,
                      preset: Optional[Dict[str, float]] = None, max_seconds: Optional[float] = None,
                      reverb: bool = True, peak: float = 0.9) -> np.ndarray:
-    """Render ``notes`` with the GM program of ``instrument`` (:data:`GM_INSTRUMENTS`) from a
-    SoundFont, played by tinysoundfont; returns ``float32 [num_samples]``.
+    """Render ``notes`` with GM ``program`` of the family ``instrument`` (:data:`GM_INSTRUMENTS`;
+    default: the family's reference program) from a SoundFont, played by tinysoundfont;
+    returns ``float32 [num_samples]``.
 
     ``soundfont`` defaults to pretty_midi's bundled ``TimGM6mb.sf2``. The render runs
     until :data:`SOUNDFONT_TAIL_S` after the last note-off (or ``max_seconds``). Then,
@@ -468,9 +540,7 @@ def render_soundfont(notes: Sequence[Note], instrument: str, rng: np.random.Gene
     with a 20 ms fade-out. tinysoundfont itself has no randomness, so the same
     ``rng`` state gives the same samples.
     """
-    if instrument not in GM_INSTRUMENTS:
-        raise RenderError(f"unknown instrument {instrument!r} for the soundfont renderer; "
-                          f"choose from {list(GM_INSTRUMENTS)}")
+    program = gm_program(instrument, program)
     if not notes:
         raise RenderError("nothing to render: no notes")
     tsf = import_tinysoundfont()
@@ -492,7 +562,7 @@ def render_soundfont(notes: Sequence[Note], instrument: str, rng: np.random.Gene
     if max_seconds is not None:
         end = min(end, max_seconds + 0.05)  # a little past the cut, so finish() fades there
     synth, sfid = _tsf_synth(tsf, path, sr)
-    out = _tsf_render(synth, sfid, GM_INSTRUMENTS[instrument].program, notes, int(round(end * sr)), sr)
+    out = _tsf_render(synth, sfid, program, notes, int(round(end * sr)), sr)
     out = tilt(out, sr, preset["brightness"])
     if reverb:
         out = room_reverb(out, sr, rng, preset["rt60"], preset["wet"])
@@ -551,11 +621,11 @@ def find_fluidsynth(soundfont: Optional[str] = None) -> Optional[Tuple[str, str]
     return None
 
 
-def render_fluidsynth(notes: Sequence[Note], timbre: str, *, sample_rate: int = SAMPLE_RATE,
-                      soundfont: Optional[str] = None, max_seconds: Optional[float] = None,
-                      peak: float = 0.9, timeout: float = 300.0) -> np.ndarray:
-    """Render ``notes`` with fluidsynth using the GM program of ``timbre`` (a name in
-    :data:`GM_INSTRUMENTS`); ``float32 [n]``."""
+def render_fluidsynth(notes: Sequence[Note], timbre: str, *, program: Optional[int] = None,
+                      sample_rate: int = SAMPLE_RATE, soundfont: Optional[str] = None,
+                      max_seconds: Optional[float] = None, peak: float = 0.9, timeout: float = 300.0) -> np.ndarray:
+    """Render ``notes`` with fluidsynth using GM ``program`` of the family ``timbre`` (a name in
+    :data:`GM_INSTRUMENTS`; default: its reference program); ``float32 [n]``."""
     import soundfile as sf
 
     found = find_fluidsynth(soundfont)
@@ -563,12 +633,11 @@ def render_fluidsynth(notes: Sequence[Note], timbre: str, *, sample_rate: int = 
         raise RenderError("renderer 'fluidsynth' needs the fluidsynth binary on PATH and a .sf2/.sf3 "
                           f"soundfont (given, or under {', '.join(SOUNDFONT_DIRS)})")
     binary, sf_path = found
-    if timbre not in GM_INSTRUMENTS:
-        raise RenderError(f"unknown instrument {timbre!r} for fluidsynth; choose from {list(GM_INSTRUMENTS)}")
+    program = gm_program(timbre, program)
     with tempfile.TemporaryDirectory(prefix="mert-fluidsynth-") as tmp:
         mid, wav = os.path.join(tmp, "in.mid"), os.path.join(tmp, "out.wav")
         with open(mid, "wb") as f:
-            f.write(notes_to_midi(notes, GM_INSTRUMENTS[timbre].program))
+            f.write(notes_to_midi(notes, program))
         cmd = [binary, "-ni", "-q", "-r", str(sample_rate), "-g", "0.8", "-T", "wav", "-F", wav, sf_path, mid]
         try:
             proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
