@@ -65,7 +65,7 @@ class ObjectiveConfig:
     # fairseq's default, kept by the reference: every clip of a batch keeps the batch's smallest masked count
     require_same_masks: bool = True
     # Deviations for small-scale runs (the reference values are the defaults), see docs/OBJECTIVE.md:
-    cqt_target: str = "linear"  # "linear" (reference) | "db" (level-free dB spectrum, see MERTPretrainer.cqt_target)
+    cqt_target: str = "linear"  # "linear" (reference) | "db" | "db-frame" (level-free, see MERTPretrainer.cqt_target)
     pred_nomask_weight: float = 0.0  # fairseq HuBERT option; > 0 also predicts the labels of unmasked frames
     # Extras (not in the shared contract; off by default).
     attention_relax: float = 0.0  # > 0: PB-relax attention in the student (fp16 overflow guard), e.g. 32
@@ -104,8 +104,8 @@ class ObjectiveConfig:
             problems.append(f"logit_temp must be > 0, got {self.logit_temp}")
         if self.mixture_min_samples > self.mixture_max_samples or self.mixture_min_count > self.mixture_max_count:
             problems.append("mixture ranges must have min <= max")
-        if self.cqt_target not in ("linear", "db"):
-            problems.append(f"cqt_target must be 'linear' or 'db', got {self.cqt_target!r}")
+        if self.cqt_target not in ("linear", "db", "db-frame"):
+            problems.append(f"cqt_target must be 'linear', 'db' or 'db-frame', got {self.cqt_target!r}")
         if self.pred_nomask_weight < 0:
             problems.append(f"pred_nomask_weight must be >= 0, got {self.pred_nomask_weight}")
         if self.attention_relax < 0:
@@ -259,13 +259,16 @@ class MERTPretrainer(nn.Module):
         """The CQT regression target [B, T, bins] from the teacher's linear magnitudes.
 
         ``linear``: the reference (level-dependent: a gain-invariant student cannot predict it).
-        ``db``: dB relative to each clip's (crop's) loudest bin, floored at -60 dB and mapped to
-        [0, 1]: the same spectrum at any gain, and silence a predictable constant.
+        ``db``: dB re each crop's loudest bin, -60 dB floor, in [0, 1] (gain-free, but a frame's
+        level relative to the crop remains, and dominates the target's variance).
+        ``db-frame``: dB re each frame's own loudest bin (spectral shape), silent frames 0.
+        See :func:`mert_plugin.teachers.db_spectrum`.
         """
+        from .teachers import db_spectrum
+
         if self.config.cqt_target == "linear":
             return cqt
-        peak = cqt.amax(dim=(1, 2), keepdim=True).clamp(min=1e-8)
-        return (20.0 * torch.log10(cqt / peak + 1e-3) / 60.0 + 1.0).clamp(min=0.0)
+        return db_spectrum(cqt, per_frame=self.config.cqt_target == "db-frame")
 
     def _prediction_loss(self, hidden: Tensor, select: Tensor, codes: Optional[Tensor], cqt: Optional[Tensor],
                          baselines: bool = True):

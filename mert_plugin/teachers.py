@@ -406,19 +406,32 @@ class MFCCKMeansTeacher(nn.Module):
 
 
 # ------------------------------------------------------------ musical k-means
-def db_spectrum(cqt: Tensor, floor_db: float = 60.0) -> Tensor:
-    """Linear CQT magnitudes [B, T, bins] -> dB re each clip's loudest bin, floored at
-    ``-floor_db`` and mapped to [0, 1] (the same spectrum at any gain; silence = 0)."""
-    peak = cqt.amax(dim=(1, 2), keepdim=True).clamp(min=1e-8)
-    return (20.0 * torch.log10(cqt / peak + 10 ** (-floor_db / 20)) / floor_db + 1.0).clamp(min=0.0)
+def db_spectrum(cqt: Tensor, per_frame: bool = False, floor_db: float = 60.0, silence_db: float = 50.0) -> Tensor:
+    """Linear CQT magnitudes [B, T, bins] -> a level-free dB spectrum in [0, 1].
+
+    ``per_frame=False``: dB re each clip's loudest bin, floored at ``-floor_db`` (the same spectrum
+    at any gain; silence = 0), so a frame's level relative to its clip remains.
+    ``per_frame=True``: dB re each frame's own loudest bin (the spectral *shape*: pitch content and
+    timbre, without the frame's loudness); frames more than ``silence_db`` below the clip's
+    loudest bin are all zeros (silence), so their noise is not a target.
+    """
+    floor = 10 ** (-floor_db / 20)
+    clip_peak = cqt.amax(dim=(1, 2), keepdim=True).clamp(min=1e-8)
+    peak = cqt.amax(dim=2, keepdim=True).clamp(min=1e-8) if per_frame else clip_peak
+    out = (20.0 * torch.log10(cqt / peak + floor) / floor_db + 1.0).clamp(min=0.0)
+    if per_frame:
+        out = torch.where(peak > clip_peak * 10 ** (-silence_db / 20), out, torch.zeros_like(out))
+    return out
 
 
 class CQTKMeansTeacher(nn.Module):
     """Musical k-means codes: residual k-means over a level-free semitone spectrum.
 
     wav [B, N] at 24 kHz -> codes [B, num_codebooks, N // 320 + 1], 75 Hz, on the CQT's
-    frame grid. Each frame is the reference CQT (:class:`CQTTeacher`) in dB re the clip's
-    loudest bin (:func:`db_spectrum`), averaged to 84 semitone bins (C1-B7). Codebook k
+    frame grid. Each frame is the reference CQT (:class:`CQTTeacher`) in dB re the frame's
+    own loudest bin (its spectral shape; ``per_frame=False``: re the clip's loudest bin, which
+    keeps the frame's level; see :func:`db_spectrum`), averaged to 84 semitone bins (C1-B7),
+    with silent frames all zeros. Codebook k
     clusters what books < k left unexplained. A MERT-v0-style *musical* teacher for
     corpora too small for codec codes: its codes are stable while a chord or note lasts
     (so they can be predicted from context) and name pitch content and timbre. It is
@@ -429,11 +442,12 @@ class CQTKMeansTeacher(nn.Module):
     bins_per_semitone = 4  # the reference CQT has 48 bins per octave
 
     def __init__(self, num_clusters: int = 128, num_codebooks: int = 1, seed: int = 0,
-                 cqt: Optional["CQTTeacher"] = None):
+                 cqt: Optional["CQTTeacher"] = None, per_frame: bool = True):
         super().__init__()
         if num_clusters < 2 or num_codebooks < 1:
             raise MERTError(f"cqt-kmeans needs >= 2 clusters and >= 1 codebook, got {num_clusters}, {num_codebooks}")
         self.codebook_size, self.num_codebooks, self.seed = num_clusters, num_codebooks, seed
+        self.per_frame = per_frame
         self.cqt = cqt if cqt is not None else CQTTeacher(self.sample_rate)
         self.dim = self.cqt.n_bins // self.bins_per_semitone
         self.register_buffer("centroids", torch.zeros(num_codebooks, num_clusters, self.dim))
@@ -441,7 +455,7 @@ class CQTKMeansTeacher(nn.Module):
 
     def features_from_cqt(self, cqt: Tensor) -> Tensor:
         """[B, T, 336] linear CQT -> [B, T, 84] level-free semitone spectrum."""
-        db = db_spectrum(cqt.float())
+        db = db_spectrum(cqt.float(), per_frame=self.per_frame)
         return db.view(db.shape[0], db.shape[1], self.dim, self.bins_per_semitone).mean(-1)
 
     def codes_from_cqt(self, cqt: Tensor) -> Tensor:

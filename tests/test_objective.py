@@ -128,6 +128,20 @@ def test_db_cqt_target_is_level_free_and_bounded():
         ObjectiveConfig(cqt_target="log").validate()
 
 
+def test_db_frame_target_is_the_spectral_shape_of_each_frame():
+    trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), ObjectiveConfig(cqt_target="db-frame"))
+    cqt = torch.rand(1, 20, 336) + 0.01
+    louder = cqt.clone()
+    louder[0, 3] *= 30.0  # one frame 30 dB louder: the same shape
+    cqt[0, 9] = 1e-6 * torch.rand(336)  # ~120 dB below the clip: silence
+    louder[0, 9] = cqt[0, 9]
+    target, target_louder = trainer.cqt_target(cqt), trainer.cqt_target(louder)
+    torch.testing.assert_close(target[0, 3], target_louder[0, 3])
+    assert (target[0, 9] == 0).all() and (target_louder[0, 9] == 0).all()
+    peak = 1.0 + 20.0 * math.log10(1.0 + 1e-3) / 60.0
+    assert torch.allclose(target[0, :9].amax(-1), torch.tensor(peak))  # every sounding frame has its peak at 1
+
+
 def test_pred_nomask_weight_adds_the_visible_frames_loss():
     wav = torch.randn(2, 16000) * 0.1
     t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
