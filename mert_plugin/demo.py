@@ -96,7 +96,10 @@ def recipe_command(data: Path, out: Path, epochs: int, seed: int, teacher: str, 
     args = {"data_folder": data, "output_folder": out / "pretrain", "number_of_epochs": epochs, "seed": seed,
             "max_train_files": 0, "max_valid_files": 0, "device": "cpu",
             "total_updates": 0,  # the learning rate decays to zero at the end of the last epoch
+            "snapshot_folder": out / "pretrain" / "snapshots",  # for the learning curve
             "acoustic_teacher": teacher}
+    if teacher == "fitted":  # the EnCodec-shaped teacher: 8 codebooks x 1024 codes
+        args.update(teacher_codebooks=8, teacher_clusters=1024)
     overrides, flags = parse_recipe_args(extra)
     args.update(overrides)  # the recipe's yaml parser refuses duplicate keys
     flags = ["--noprogressbar"] + [f for f in flags if f != "--noprogressbar"]
@@ -135,7 +138,8 @@ def export(model_dir: Path, preset_seed: int, out: Path):
 def extract(corpus: Path, graphs, out: Path):
     """All-layer, mean-pooled features of every clip via Essentia's MonoLoader + OnnxPredictMERT."""
     import numpy as np
-    from tqdm import tqdm
+
+    from mert_plugin.progress import progress_bar
 
     import extractors.essentia  # noqa: F401  (registers essentia.standard.OnnxPredictMERT)
     from essentia.standard import MonoLoader, OnnxPredictMERT
@@ -147,7 +151,7 @@ def extract(corpus: Path, graphs, out: Path):
         folder = out / "features" / name
         algo = OnnxPredictMERT(graphFilename=str(graph), output="all", batchSize=8)
         todo = [p for p in paths if not (folder / Path(p).with_suffix(".npy")).exists()]
-        for rel in tqdm(todo, desc=f"extract {name}", unit="clip", mininterval=2):
+        for rel in progress_bar(todo, desc=f"extract {name}", unit="clip"):
             audio = MonoLoader(filename=str(corpus / rel), sampleRate=24000, resampleQuality=4)()
             states = algo(audio)                      # [L+1, frames, D]
             save_clip_features(str(folder), rel, np.asarray(states).mean(axis=1))  # [L+1, D]
@@ -162,20 +166,101 @@ def probe(corpus: Path, features, train_log: Path, out: Path, tasks, seeds):
                      baselines=("cqt",), seeds=seeds, train_log=str(train_log) if train_log.exists() else None)
 
 
-def verdict(report) -> bool:
-    """Does pretraining beat its own random initialisation by more than the run-to-run spread?"""
-    won = False
+MUST_WIN = ("pitch", "instrument")  # the musical knowledge MERT's teachers are meant to put into the layers
+
+
+def _last_valid_stats(train_log: Path) -> dict:
+    from mert_plugin.probe.report import parse_train_log
+
+    records = parse_train_log(train_log) if train_log.is_file() else []
+    return {k[len("valid "):]: v for k, v in (records[-1] if records else {}).items() if k.startswith("valid ")}
+
+
+def verdict_checks(report, valid_stats: dict) -> list:
+    """The demo's criteria, each ``(name, passed, detail)``; the verdict is YES only when all pass.
+
+    1. pretrained beats its random init on pitch AND instrument by more than the summed spread;
+    2. it loses on no task by more than the summed spread;
+    3. its features are not collapsed: effective rank >= half the random init's at every layer
+       (every task's training clips);
+    4. masked prediction beats the unigram baseline of the teacher's codes (validation split).
+    """
+    probe = report["probe"]
+    checks = []
+    for task in MUST_WIN:
+        if task not in probe:
+            checks.append((f"beats random init on {task}", False, "task not probed"))
+            continue
+        e = probe[task]
+        margin, spread = e["pretrained"] - e["random_init"], e["pretrained_std"] + e["random_init_std"]
+        checks.append((f"beats random init on {task}", margin > spread, f"{margin:+.3f} vs spread {spread:.3f}"))
+    losses = [f"{t} {e['pretrained'] - e['random_init']:+.3f} vs {e['pretrained_std'] + e['random_init_std']:.3f}"
+              for t, e in probe.items()
+              if e["random_init"] - e["pretrained"] > e["pretrained_std"] + e["random_init_std"]]
+    checks.append(("loses on no task beyond the spread", not losses, "; ".join(losses) or "none"))
+    worst = None
+    for task, e in probe.items():
+        sets = e.get("feature_sets", {})
+        try:
+            mine, ref = sets["pretrained"]["geometry"]["effective_rank"], sets["random_init"]["geometry"]["effective_rank"]
+        except KeyError:
+            continue
+        for layer, (a, b) in enumerate(zip(mine, ref)):
+            ratio = a / b if b > 0 else 0.0
+            if worst is None or ratio < worst[0]:
+                worst = (ratio, task, layer, a, b)
+    if worst is None:
+        checks.append(("features not collapsed", False, "no geometry in the report"))
+    else:
+        ratio, task, layer, a, b = worst
+        checks.append(("features not collapsed (effective rank >= 1/2 of random init, every layer)", ratio >= 0.5,
+                       f"worst: {task} layer {layer}: {a:.1f} vs {b:.1f} ({ratio:.2f}x)"))
+    acc, uni = valid_stats.get("acoustic_acc"), valid_stats.get("unigram_acc")
+    if acc is None or uni is None:
+        checks.append(("masked prediction beats the codes' unigram", False, "no validation acoustic_acc/unigram_acc "
+                                                                           "in the train log"))
+    else:
+        detail = f"accuracy {acc:.3f} vs {uni:.3f}"
+        if "acoustic_ce" in valid_stats and "unigram_ce" in valid_stats:
+            detail += f"; CE {valid_stats['acoustic_ce']:.2f} vs {valid_stats['unigram_ce']:.2f} nats"
+        if "copy_acc" in valid_stats:
+            detail += f"; copying the nearest visible label: {valid_stats['copy_acc']:.3f}"
+        checks.append(("masked prediction beats the codes' unigram (validation)", acc > uni, detail))
+    return checks
+
+
+def verdict(report, valid_stats: dict) -> bool:
+    """Print the probe table and every criterion; True only when all of them pass."""
     print("\n    Weighted-sum probes, test split, mean ± std over seeds:")
-    print("    task          metric     pretrained        random init       cqt baseline      margin > spread?")
+    print("    task          metric     pretrained        random init       cqt baseline      margin vs spread")
     for task, e in report["probe"].items():
         margin = e["pretrained"] - e["random_init"]
         spread = e["pretrained_std"] + e["random_init_std"]
-        ok = margin > spread
-        won |= ok
         print(f"    {task:<13} {e['metric']:<10} {e['pretrained']:.3f} ± {e['pretrained_std']:.3f}   "
               f"{e['random_init']:.3f} ± {e['random_init_std']:.3f}   {e.get('cqt', float('nan')):.3f} ± "
-              f"{e.get('cqt_std', float('nan')):.3f}   {'yes' if ok else 'no'} ({margin:+.3f} vs {spread:.3f})")
-    return won
+              f"{e.get('cqt_std', float('nan')):.3f}   {margin:+.3f} vs {spread:.3f}")
+    checks = verdict_checks(report, valid_stats)
+    print("\n    Criteria:")
+    for name, ok, detail in checks:
+        print(f"    [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
+    return all(ok for _, ok, _ in checks)
+
+
+def learning_curve(corpus: Path, out: Path, recipe_seed: int, quick: bool):
+    """Cheap logistic probes of the recipe's per-epoch snapshots (and the random init at 0 updates)."""
+    from mert_plugin import MERTModel
+    from mert_plugin.atomic import atomic_write_json
+    from mert_plugin.probe.curve import learning_curve as curve_of, plot_learning_curve, snapshots
+
+    models = [(0, MERTModel.from_preset("mert-tiny", seed=recipe_seed))]
+    models += [(u, MERTModel.from_pretrained(path)) for u, path in snapshots(out / "pretrain" / "snapshots")]
+    tasks = [t for t in MUST_WIN if (corpus / f"{t}.csv").is_file()]
+    curve = curve_of(models, corpus, tasks)
+    atomic_write_json(out / "probe" / "learning_curve.json", curve)
+    plot_learning_curve(curve, out / "probe" / "plots" / "learning_curve.png")
+    for task in tasks:
+        print(f"    {task:<11} " + "  ".join(f"{u}: {a:.3f}" for u, a in zip(curve["updates"], curve["tasks"][task])))
+    return curve
 
 
 def claim_output_folder(out: Path, settings: dict):
@@ -199,7 +284,7 @@ def claim_output_folder(out: Path, settings: dict):
     if out.is_dir() and any(out.iterdir()):
         return (f"{out} is not empty and has no demo_settings.json (a run of an older version, or not a demo "
                 f"folder): pass --fresh to start it over, or choose another --out")
-    from mert_plugin.corpus.tables import atomic_write_json
+    from mert_plugin.atomic import atomic_write_json
 
     atomic_write_json(path, settings)  # creates ``out``
     return None
@@ -211,8 +296,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pieces", type=int, default=40, help="music21 pieces to render (default 40)")
     ap.add_argument("--epochs", type=int, default=5, help="pretraining epochs (default 5)")
     ap.add_argument("--tasks", nargs="+", default=None, help="probe only these tasks (default: all)")
-    ap.add_argument("--acoustic-teacher", default="fitted", choices=["fitted", "none"],
-                    help="acoustic teacher of the tiny recipe: 'fitted' (demo k-means codebooks over a random "
+    ap.add_argument("--acoustic-teacher", default="cqt-kmeans", choices=["cqt-kmeans", "fitted", "none"],
+                    help="acoustic teacher of the tiny recipe: 'cqt-kmeans' (default: k-means over a level-free "
+                         "semitone CQT, fitted on the training clips), 'fitted' (k-means codebooks over a random "
                          "EnCodec encoder) or 'none' (CQT target only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recipe-arg", action="append", default=[], metavar="--KEY=VALUE",
@@ -240,31 +326,40 @@ def main(argv=None) -> int:
     recipe_seed = 1234 + args.seed
     start = time.perf_counter()
 
-    t = _step("1/5 corpus: rendering music21 scores (mert-corpus)")
+    t = _step("1/6 corpus: rendering music21 scores (mert-corpus)")
     corpus = build_corpus(out, args.pieces, args.seed, args.quick)
     _done(t)
-    t = _step("2/5 pretraining mert-tiny with the SpeechBrain recipe (teacher fit, offline labels, Brain.fit)")
+    t = _step("2/6 pretraining mert-tiny with the SpeechBrain recipe (teacher fit, offline labels, Brain.fit)")
     model_dir = pretrain(training_folder(corpus, out), out, args.epochs, recipe_seed, args.acoustic_teacher,
                         args.recipe_arg)
     _done(t)
-    t = _step("3/5 ONNX export with parity gate (mert-export-onnx), pretrained and random init")
+    t = _step("3/6 ONNX export with parity gate (mert-export-onnx), pretrained and random init")
     graphs = export(model_dir, recipe_seed, out)
     _done(t)
-    t = _step("4/5 features: essentia MonoLoader -> OnnxPredictMERT, mean over time, all layers")
+    t = _step("4/6 features: essentia MonoLoader -> OnnxPredictMERT, mean over time, all layers")
     features = extract(corpus, graphs, out)
     _done(t)
-    t = _step(f"5/5 probing (mert-probe): per layer + weighted sum, {len(seeds)} seeds, CQT baseline")
-    report = probe(corpus, features, out / "pretrain" / "train_log.txt", out, args.tasks, seeds)
+    t = _step(f"5/6 probing (mert-probe): per layer + weighted sum, {len(seeds)} seeds, CQT baseline")
+    train_log = out / "pretrain" / "train_log.txt"
+    report = probe(corpus, features, train_log, out, args.tasks, seeds)
+    _done(t)
+    t = _step("6/6 learning curve: logistic probes of the per-epoch snapshots")
+    learning_curve(corpus, out, recipe_seed, args.quick)
     _done(t)
 
-    won = verdict(report)
-    summary = {"beats_random_init": won, "seconds": round(time.perf_counter() - start), "out": str(out),
+    valid_stats = _last_valid_stats(train_log)
+    won = verdict(report, valid_stats)
+    checks = [{"name": n, "passed": ok, "detail": d} for n, ok, d in verdict_checks(report, valid_stats)]
+    summary = {"verdict": won, "checks": checks, "seconds": round(time.perf_counter() - start), "out": str(out),
                "quick": args.quick}
-    with open(out / "demo_summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"\nreport: {out / 'probe' / 'report.md'} (plots in {out / 'probe' / 'plots'})")
-    print(f"total: {summary['seconds']} s. Pretrained beats its random init beyond the spread on at least one "
-          f"task: {'YES' if won else 'NO'}")
+    from mert_plugin.atomic import atomic_write_json
+
+    atomic_write_json(out / "demo_summary.json", summary)
+    print(f"\nreport: {out / 'probe' / 'report.md'} (plots in {out / 'probe' / 'plots'}, learning curve in "
+          f"learning_curve.png)")
+    failed = [c["name"] for c in checks if not c["passed"]]
+    print(f"total: {summary['seconds']} s. Pretraining taught the model music (all {len(checks)} criteria above): "
+          f"{'YES' if won else 'NO'}" + (f" (failed: {'; '.join(failed)})" if failed else ""))
     if args.quick:
         return 0  # a smoke run is too small for the comparison to mean anything
     return 0 if won else 3

@@ -35,7 +35,14 @@ def test_quick_demo_runs_every_stage(tmp_path):
         assert max(meta["export"]["parity_max_abs_diff"].values()) <= 1e-4
     assert (out / "pretrain" / "export" / "model.safetensors").exists()
     assert (out / "probe" / "plots" / "pretrain_loss.png").exists()
-    assert json.loads((out / "demo_summary.json").read_text())["quick"] is True
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["quick"] is True and len(summary["checks"]) == 5
+    assert summary["verdict"] == all(c["passed"] for c in summary["checks"])
+    curve = json.loads((out / "probe" / "learning_curve.json").read_text())
+    assert curve["updates"][0] == 0 and len(curve["updates"]) == 2  # random init + the one epoch's snapshot
+    assert set(curve["tasks"]) == {"pitch", "instrument"}
+    assert all(0.0 <= a <= 1.0 for accs in curve["tasks"].values() for a in accs)
+    assert (out / "probe" / "plots" / "learning_curve.png").exists()
     # Pretraining saw only training-split clips.
     with open(out / "corpus" / "pitch.csv") as f:
         test_clips = [l.split(",")[0] for l in f if ",test," in l]
@@ -81,3 +88,36 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     (older / "pretrain").mkdir(parents=True)                  # a run from before settings were recorded
     assert "--fresh" in claim_output_folder(older, settings)
     assert claim_output_folder(tmp_path / "new" / "deeper", settings) is None  # a new folder is created
+
+
+def _report(pitch=(0.8, 0.5), instrument=(0.7, 0.5), key=(0.1, 0.1), ranks=((8.0, 8.0), (10.0, 10.0)), std=0.02):
+    """A probe report: (pretrained, random init) scores per task; ranks: (pretrained, random init) per layer."""
+    probe = {}
+    for task, (mine, ref) in {"pitch": pitch, "instrument": instrument, "key": key}.items():
+        geometry = {name: {"geometry": {"effective_rank": [r[i] for r in ranks]}}
+                    for i, name in enumerate(("pretrained", "random_init"))}
+        probe[task] = {"metric": "accuracy", "pretrained": mine, "random_init": ref, "pretrained_std": std,
+                       "random_init_std": std, "feature_sets": geometry}
+    return {"probe": probe}
+
+
+GOOD_VALID = {"acoustic_acc": 0.3, "unigram_acc": 0.1, "acoustic_ce": 3.0, "unigram_ce": 4.5, "copy_acc": 0.8}
+
+
+def test_verdict_needs_every_criterion():
+    from mert_plugin.demo import verdict_checks
+
+    def ok(report, valid=GOOD_VALID):
+        return all(passed for _, passed, _ in verdict_checks(report, valid))
+
+    assert ok(_report())
+    assert not ok(_report(pitch=(0.52, 0.5)))                # a win inside the spread (0.04) is no win
+    assert not ok(_report(instrument=(0.4, 0.5)))            # pitch alone is not enough
+    assert not ok(_report(key=(0.05, 0.2)))                  # a loss beyond the spread on any task
+    assert ok(_report(key=(0.09, 0.1)))                      # ... a loss within it is noise
+    assert not ok(_report(ranks=((3.0, 8.0), (10.0, 10.0))))  # layer 0 collapsed: 3.0 < 8.0 / 2
+    assert ok(_report(ranks=((4.0, 8.0), (10.0, 10.0))))  # half the random init is enough
+    assert not ok(_report(), {**GOOD_VALID, "acoustic_acc": 0.05})  # below the codes' unigram
+    assert not ok(_report(), {})                             # unchecked is not passed
+    names = [name for name, _, _ in verdict_checks(_report(), GOOD_VALID)]
+    assert len(names) == 5 and any("pitch" in n for n in names) and any("unigram" in n for n in names)

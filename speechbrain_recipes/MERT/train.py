@@ -13,6 +13,7 @@ process, then ``Brain.fit`` (resumes from the last checkpoint of
 ``<output_folder>/export`` (HF folder + SpeechBrain inference files).
 """
 import logging
+import os
 import sys
 
 import torch
@@ -99,6 +100,8 @@ class MERTBrain(sb.Brain):
                                              num_to_keep=self.hparams.checkpoints_to_keep, importance_keys=[])
         self.checkpointer.delete_checkpoints(  # the epoch is complete: its intra-epoch checkpoints are stale
             num_to_keep=0, ckpt_predicate=lambda c: sb.core.INTRA_EPOCH_CKPT_FLAG in c.meta)
+        if getattr(self.hparams, "snapshot_folder", None) and sb.utils.distributed.if_main_process():
+            save_snapshot(self.hparams.student, self.hparams.snapshot_folder, epoch, self.optimizer_step)
 
     def _term_means(self, all_ranks):
         names = sorted(self.term_sums)
@@ -107,6 +110,30 @@ class MERTBrain(sb.Brain):
             totals = totals.to(self.device)  # NCCL reduces CUDA tensors only
             totals = sb.utils.distributed.ddp_all_reduce(totals, torch.distributed.ReduceOp.SUM).cpu()
         return {n: float(v) / max(1.0, float(totals[-1])) for n, v in zip(names, totals[:-1])}
+
+
+def save_snapshot(student, folder, epoch, updates):
+    """The student after ``epoch`` (``folder/epoch_NNN``, a ``from_pretrained`` folder), so that
+    probes can show learning over time; ``snapshot.json`` records the updates made."""
+    from mert_plugin.atomic import atomic_write_json
+
+    target = os.path.join(folder, f"epoch_{epoch:03d}")
+    student.save_pretrained(target)
+    atomic_write_json(os.path.join(target, "snapshot.json"), {"epoch": epoch, "updates": updates})
+
+
+def code_counts(label_folder, ids, num_codebooks, codebook_size):
+    """[K, C] counts of the offline codes of ``ids`` (the unigram baseline of the masked prediction)."""
+    import numpy as np
+
+    from mert_plugin.labels import label_paths
+
+    counts = np.zeros((num_codebooks, codebook_size), np.int64)
+    for clip_id in ids:
+        codes = np.load(label_paths(label_folder, clip_id)[0], mmap_mode="r", allow_pickle=False)
+        for k in range(min(num_codebooks, codes.shape[0])):
+            counts[k] += np.bincount(np.asarray(codes[k], np.int64), minlength=codebook_size)[:codebook_size]
+    return torch.from_numpy(counts)
 
 
 def export_student(student, export_folder):
@@ -159,6 +186,11 @@ def train(hparams, run_opts, datasets):
     brain = MERTBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                       run_opts=run_opts, checkpointer=hparams["checkpointer"])
     brain.label_generator = label_step.online_generator(hparams)
+    if label_step.teacher_plan(hparams)["offline_codes"]:  # validation then reports the unigram baseline
+        objective = hparams["objective"]
+        hparams["pretrainer"].set_code_prior(code_counts(
+            hparams["label_folder"], [i for i in datasets["train"].data_ids], objective.num_codebooks,
+            objective.codebook_size))
     loader = {"num_workers": hparams["num_workers"], "generator": torch.Generator().manual_seed(hparams["seed"])}
     train_sampler = make_batch_sampler(datasets["train"], hparams["crop_seconds"], **hparams["dynamic_batching"])
     # Brain calls set_epoch only on samplers it made itself (or wrapped for DDP): without this the
