@@ -338,7 +338,25 @@ class CQTTeacher(nn.Module):
 
 
 # ---------------------------------------------------------------- MERT-v0 style
-class MFCCKMeansTeacher(nn.Module):
+class _CentroidState:
+    """State of a k-means teacher: its ``centroids`` buffer (saved by ``LabelGenerator.save_state``)."""
+
+    centroids: Tensor
+    fitted: bool
+
+    def state_tensors(self) -> dict:
+        return {"centroids": self.centroids.detach().cpu().contiguous()}
+
+    def load_tensors(self, tensors: dict, source: str) -> None:
+        c = tensors.get("centroids")
+        if c is None or c.shape != self.centroids.shape:
+            raise CheckpointError(f"{source}: expected centroids of shape {list(self.centroids.shape)}, got "
+                                  f"{None if c is None else list(c.shape)} (another number of clusters/codebooks?)")
+        self.centroids.copy_(c)
+        self.fitted = True
+
+
+class MFCCKMeansTeacher(_CentroidState, nn.Module):
     """k-means labels over MFCC + delta + delta-delta (39-d), MERT-v0 / HuBERT iteration 1.
 
     wav [B, N] at 16 kHz -> labels [B, 1, (N - 400) // 320 + 1], one per student
@@ -393,16 +411,6 @@ class MFCCKMeansTeacher(nn.Module):
         labels = nearest(feats.reshape(-1, 39), self.centroids).view(feats.shape[0], 1, feats.shape[1])
         return labels
 
-    def state_tensors(self) -> dict:
-        return {"centroids": self.centroids.detach().cpu().contiguous()}
-
-    def load_tensors(self, tensors: dict, source: str) -> None:
-        c = tensors.get("centroids")
-        if c is None or c.shape != self.centroids.shape:
-            raise CheckpointError(f"{source}: expected centroids of shape {list(self.centroids.shape)}, "
-                                  f"got {None if c is None else list(c.shape)}")
-        self.centroids.copy_(c)
-        self.fitted = True
 
 
 # ------------------------------------------------------------ musical k-means
@@ -424,7 +432,7 @@ def db_spectrum(cqt: Tensor, per_frame: bool = False, floor_db: float = 60.0, si
     return out
 
 
-class CQTKMeansTeacher(nn.Module):
+class CQTKMeansTeacher(_CentroidState, nn.Module):
     """Musical k-means codes: residual k-means over a level-free semitone spectrum.
 
     wav [B, N] at 24 kHz -> codes [B, num_codebooks, N // 320 + 1], 75 Hz, on the CQT's
@@ -495,16 +503,6 @@ class CQTKMeansTeacher(nn.Module):
         logger.info("cqt-kmeans teacher: %d codebook(s) x %d codes fitted on %d frames", self.num_codebooks,
                     self.codebook_size, x.shape[0])
 
-    def state_tensors(self) -> dict:
-        return {"centroids": self.centroids.detach().cpu().contiguous()}
-
-    def load_tensors(self, tensors: dict, source: str) -> None:
-        c = tensors.get("centroids")
-        if c is None or c.shape != self.centroids.shape:
-            raise CheckpointError(f"{source}: expected centroids of shape {list(self.centroids.shape)} "
-                                  f"(num_codebooks x num_clusters x 84), got {None if c is None else list(c.shape)}")
-        self.centroids.copy_(c)
-        self.fitted = True
 
 
 # ------------------------------------------------------------ the generator
