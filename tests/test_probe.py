@@ -242,3 +242,27 @@ def test_cli_probe_and_its_errors(tone_corpus, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse usage error
         probe_main(["--corpus", str(root), "--features", "no-equals-sign", "--out", str(tmp_path / "o4")])
     assert exc.value.code == 2
+
+
+def test_curve_pools_each_clip_as_alone_and_lists_snapshots_in_order(tmp_path):
+    from mert_plugin import MERTModel, load_audio
+    from mert_plugin.probe.curve import pooled_layers, snapshots
+
+    rng = np.random.default_rng(0)
+    names = []
+    for i, seconds in enumerate([1.0, 0.6, 1.0, 1.0, 0.6]):  # two lengths: two batches
+        names.append(f"c{i}.wav")
+        sf.write(str(tmp_path / names[-1]), (0.1 * rng.standard_normal(int(seconds * 24000))).astype(np.float32),
+                 24000)
+    model = MERTModel.from_preset("mert-tiny", seed=0)
+    together = pooled_layers(model, tmp_path, names, batch_size=2)
+    alone = np.stack([pooled_layers(model, tmp_path, [n])[0] for n in names])
+    assert together.shape == (5, 5, 128)
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    with torch.no_grad():  # and it is the time average of each hidden state
+        direct = model(load_audio(str(tmp_path / names[1]), 24000)[None]).hidden_states[3][0].mean(0).numpy()
+    np.testing.assert_allclose(together[1, 3], direct, atol=1e-5)
+    for epoch, updates in ((2, 40), (1, 20), (10, 200)):
+        (tmp_path / "snaps" / f"epoch_{epoch:03d}").mkdir(parents=True)
+        (tmp_path / "snaps" / f"epoch_{epoch:03d}" / "snapshot.json").write_text(json.dumps({"updates": updates}))
+    assert [u for u, _ in snapshots(tmp_path / "snaps")] == [20, 40, 200]

@@ -23,26 +23,42 @@ from .mlp import feature_geometry
 
 
 @torch.no_grad()
-def pooled_layers(model, audio_root: Path, paths: Sequence[str]) -> np.ndarray:
-    """[N, L+1, D] time-averaged hidden states of each clip (whole clip, one forward each)."""
+def pooled_layers(model, audio_root: Path, paths: Sequence[str], batch_size: int = 16) -> np.ndarray:
+    """[N, L+1, D] time-averaged hidden states of each whole clip.
+
+    Clips of equal length share a batch (no padding, so each clip's result is the one it gets
+    alone: conv 0's GroupNorm and the attention work per clip).
+    """
     model.eval()
-    out = []
-    for rel in paths:
-        wav = load_audio(str(audio_root / rel), model.sample_rate)
-        states = model(wav[None]).hidden_states
-        out.append(torch.stack([s[0].mean(0) for s in states]).float().numpy())
+    wavs = [load_audio(str(audio_root / rel), model.sample_rate) for rel in paths]
+    out: List[np.ndarray] = [None] * len(wavs)
+    by_length: Dict[int, List[int]] = {}
+    for i, w in enumerate(wavs):
+        by_length.setdefault(w.numel(), []).append(i)
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            idx = group[start:start + batch_size]
+            states = model(torch.stack([wavs[i] for i in idx])).hidden_states
+            pooled = torch.stack([s.mean(1) for s in states], 1).float().numpy()  # [b, L+1, D]
+            for j, i in enumerate(idx):
+                out[i] = pooled[j]
     return np.stack(out)
 
 
 def logistic_score(x_train: np.ndarray, y_train: Sequence[str], x_test: np.ndarray, y_test: Sequence[str],
                    c: float = 0.1) -> float:
     """Test accuracy of a logistic regression on z-scored, layer-concatenated features [N, L, D]."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     mean, std = x_train.mean(0), x_train.std(0) + 1e-8
     a = ((x_train - mean) / std).reshape(len(x_train), -1)
     b = ((x_test - mean) / std).reshape(len(x_test), -1)
-    return float(LogisticRegression(C=c, max_iter=500).fit(a, list(y_train)).score(b, list(y_test)))
+    with warnings.catch_warnings():  # a few hundred clips x ~600 dims: lbfgs may stop at max_iter, harmlessly
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return float(LogisticRegression(C=c, max_iter=500).fit(a, list(y_train)).score(b, list(y_test)))
 
 
 def learning_curve(models: Sequence[Tuple[int, object]], corpus_dir, tasks: Sequence[str] = ("pitch", "instrument"),
