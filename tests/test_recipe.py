@@ -6,6 +6,7 @@ Audio is synthesised into tmp folders. The end-to-end tests are marked slow
 (about 2 minutes together on 2 cores).
 """
 import csv
+import json
 import os
 import random
 import signal
@@ -308,7 +309,15 @@ def test_tiny_recipe_trains_logs_and_exports(trained):
     n_train = len(_read_csv(os.path.join(out, "train.csv")))
     assert len([f for f in os.listdir(os.path.join(out, "labels", "a")) if f.endswith(".codes.npy")]) > 0
     assert n_train >= 20
-    assert "Fitting the 'fitted' teacher" in log
+    assert "Fitting the 'cqt-kmeans' teacher" in log  # mert_tiny.yaml's teacher
+    # validation reports the masked codes' baselines next to the student's accuracy
+    for term in ("valid acoustic_acc", "valid unigram_acc", "valid unigram_ce", "valid copy_acc"):
+        assert term in lines[-1], term
+    # a snapshot of the student after every epoch, with the updates made so far
+    snaps = sorted(os.listdir(os.path.join(out, "snapshots")))
+    assert snaps == ["epoch_001", "epoch_002"]
+    updates = [json.load(open(os.path.join(out, "snapshots", s, "snapshot.json")))["updates"] for s in snaps]
+    assert 0 < updates[0] < updates[1] == int(lines[-1].split("updates: ")[1].split(" ")[0].rstrip(","))
 
 
 @pytest.mark.slow
