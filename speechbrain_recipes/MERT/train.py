@@ -122,14 +122,15 @@ def save_snapshot(student, folder, epoch, updates):
     atomic_write_json(os.path.join(target, "snapshot.json"), {"epoch": epoch, "updates": updates})
 
 
-def code_counts(label_folder, ids, num_codebooks, codebook_size):
-    """[K, C] counts of the offline codes of ``ids`` (the unigram baseline of the masked prediction)."""
+def code_counts(label_folder, ids, num_codebooks, codebook_size, max_files=2000):
+    """[K, C] counts of the offline codes of ``ids`` (the unigram baseline of the masked prediction),
+    from at most ``max_files`` evenly spread files (start-up stays short on a large corpus)."""
     import numpy as np
 
     from mert_plugin.labels import label_paths
 
     counts = np.zeros((num_codebooks, codebook_size), np.int64)
-    for clip_id in ids:
+    for clip_id in label_step.spread(sorted(ids), max_files):
         codes = np.load(label_paths(label_folder, clip_id)[0], mmap_mode="r", allow_pickle=False)
         for k in range(min(num_codebooks, codes.shape[0])):
             counts[k] += np.bincount(np.asarray(codes[k], np.int64), minlength=codebook_size)[:codebook_size]
