@@ -246,7 +246,7 @@ def verdict(report, valid_stats: dict) -> bool:
     return all(ok for _, ok, _ in checks)
 
 
-def learning_curve(corpus: Path, out: Path, recipe_seed: int, quick: bool):
+def learning_curve(corpus: Path, out: Path, recipe_seed: int):
     """Cheap logistic probes of the recipe's per-epoch snapshots (and the random init at 0 updates)."""
     from mert_plugin import MERTModel
     from mert_plugin.atomic import atomic_write_json
@@ -344,7 +344,7 @@ def main(argv=None) -> int:
     report = probe(corpus, features, train_log, out, args.tasks, seeds)
     _done(t)
     t = _step("6/6 learning curve: logistic probes of the per-epoch snapshots")
-    learning_curve(corpus, out, recipe_seed, args.quick)
+    learning_curve(corpus, out, recipe_seed)
     _done(t)
 
     valid_stats = _last_valid_stats(train_log)

@@ -176,6 +176,7 @@ class MERTPretrainer(nn.Module):
         self.codebook_head = (CodebookHead(d, config.num_codebooks, config.codebook_size, config.final_dim,
                                            config.logit_temp) if config.use_acoustic else None)
         self.cqt_head = nn.Linear(d, config.cqt_bins) if config.use_cqt else None
+        self.code_log_prior: Optional[Tensor] = None  # [K, C] log frequencies, see set_code_prior
 
     # ------------------------------------------------------------------ steps
     def span_mask(self, frame_valid: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -313,8 +314,6 @@ class MERTPretrainer(nn.Module):
             raise MERTError(f"code counts must be [{c.num_codebooks}, {c.codebook_size}], got {list(counts.shape)}")
         # add-one smoothing: a code unseen in training costs log(N + C) nats, not infinity
         self.code_log_prior = ((counts + 1) / (counts + 1).sum(-1, keepdim=True)).log().float()
-
-    code_log_prior: Optional[Tensor] = None
 
     @torch.no_grad()
     def baselines(self, codes: Tensor, loss_mask: Tensor, target: Tensor) -> Dict[str, Tensor]:
