@@ -488,7 +488,11 @@ class CQTKMeansTeacher(_CentroidState, nn.Module):
                  for w in wavs]
         if not parts:
             raise MERTError("cannot fit the cqt-kmeans teacher: no audio given")
-        x = torch.cat(parts)
+        self.fit_features(torch.cat(parts), iters, max_frames)
+
+    @torch.no_grad()
+    def fit_features(self, x: Tensor, iters: int = 20, max_frames: int = 100_000) -> None:
+        """Fit on frames of :meth:`features_from_cqt` already computed: x [N, 84]."""
         if x.shape[0] > max_frames:
             x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))[:max_frames]]
         if x.shape[0] < MIN_FRAMES_PER_CODE * self.codebook_size:

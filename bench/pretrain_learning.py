@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Does pretraining teach ``mert-tiny`` music? A fast in-memory pretraining + probe loop.
+
+Runs the project's ``MERTPretrainer`` on the training clips of a corpus (``mert-corpus build``)
+held in memory, with the reference CQT as the musical target and optionally the ``cqt-kmeans``
+teacher's codes, then probes the student (logistic regression on z-scored, mean-pooled layers,
+train -> test split; effective rank of the pooled features) on pitch and instrument, next to its
+own random initialisation. A setting costs minutes instead of a full ``make demo``; the demo's
+MLP probes and five-criterion verdict remain the reference (docs/LEARNING.md has the runs)::
+
+    python bench/pretrain_learning.py --corpus CORPUS --updates 600 --cqt-target db-frame \\
+        --feature-penalty 0 --feature-grad-mult 1.0 --out results/run.json
+
+The CQT of every training clip is computed once and cached in ``CORPUS/.cache/bench_cqt.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mert_plugin import MERTModel, load_audio  # noqa: E402
+from mert_plugin.objective import MERTPretrainer, ObjectiveConfig  # noqa: E402
+from mert_plugin.probe.curve import logistic_score, pooled_layers  # noqa: E402
+from mert_plugin.probe.mlp import feature_geometry  # noqa: E402
+from mert_plugin.teachers import CQTKMeansTeacher, CQTTeacher  # noqa: E402
+
+TASKS = ("pitch", "instrument")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", required=True, help="a mert-corpus folder (pitch.csv, instrument.csv, ...)")
+    ap.add_argument("--updates", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=60, help="linear warm-up updates, then linear decay to 0")
+    ap.add_argument("--batch", type=int, default=4, help="clips per batch")
+    ap.add_argument("--crop", type=float, default=2.0, help="crop seconds (a batch is cut to its shortest clip)")
+    ap.add_argument("--teacher", choices=["cqt-kmeans", "none"], default="cqt-kmeans")
+    ap.add_argument("--clusters", type=int, default=128)
+    ap.add_argument("--cqt-target", choices=["linear", "db", "db-frame", "none"], default="db-frame")
+    ap.add_argument("--feature-penalty", type=float, default=0.0, help="MERT: 10")
+    ap.add_argument("--feature-grad-mult", type=float, default=1.0, help="MERT 95M: 0.1; 0 freezes the stem")
+    ap.add_argument("--pred-nomask", type=float, default=0.0)
+    ap.add_argument("--mixture", type=float, default=0.5, help="in-batch noise mixture probability")
+    ap.add_argument("--probe-every", type=int, default=0, help="also probe every N updates")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
+    ap.add_argument("--out", help="write the settings, losses and probe results here (JSON)")
+    return ap.parse_args(argv)
+
+
+def read_rows(corpus: Path, task: str):
+    with open(corpus / f"{task}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def clip_cqts(corpus: Path, paths, cqt: CQTTeacher):
+    """Linear CQT [T, 336] of every clip, cached (fp16) in CORPUS/.cache/bench_cqt.pt."""
+    cache_path = corpus / ".cache" / "bench_cqt.pt"
+    cache = torch.load(cache_path, weights_only=True) if cache_path.is_file() else {}
+    missing = [p for p in paths if p not in cache]
+    for p in missing:
+        cache[p] = cqt(load_audio(str(corpus / p), 24000)[None])[0].half()
+    if missing:
+        from mert_plugin.atomic import atomic_path
+
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache_path) as tmp:
+            torch.save(cache, tmp)
+    return [cache[p].float() for p in paths]
+
+
+def probe(model, corpus: Path):
+    out = {}
+    for task in TASKS:
+        rows = [r for r in read_rows(corpus, task) if r["split"] in ("train", "test")]
+        x = pooled_layers(model, corpus, [r["path"] for r in rows])
+        train = np.array([r["split"] == "train" for r in rows])
+        y = np.array([r["label"] for r in rows])
+        layers = [logistic_score(x[train][:, l:l + 1], y[train], x[~train][:, l:l + 1], y[~train], c=1.0)
+                  for l in range(x.shape[1])]
+        out[task] = {"layers": layers, "all_layers": logistic_score(x[train], y[train], x[~train], y[~train]),
+                     "effective_rank": feature_geometry(x[train])["effective_rank"]}
+    return out
+
+
+def show(name, result):
+    for task, e in result.items():
+        print(f"  {name:>8} {task:<10} per layer {' '.join(f'{a:.3f}' for a in e['layers'])}  all layers "
+              f"{e['all_layers']:.3f}  rank {' '.join(f'{r:.1f}' for r in e['effective_rank'])}", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    corpus = Path(args.corpus)
+    paths = sorted({r["path"] for t in ("pitch", "instrument", "composer", "key") if (corpus / f"{t}.csv").is_file()
+                    for r in read_rows(corpus, t) if r["split"] == "train"})
+    audio = [load_audio(str(corpus / p), 24000) for p in paths]
+    print(f"{len(audio)} training clips, {sum(a.numel() for a in audio) / 24000 / 60:.1f} min", flush=True)
+    cqt_teacher = CQTTeacher()
+    cqts = clip_cqts(corpus, paths, cqt_teacher)
+    codes = None
+    if args.teacher == "cqt-kmeans":
+        teacher = CQTKMeansTeacher(args.clusters, 1, seed=args.seed, cqt=cqt_teacher)
+        teacher.fit_features(torch.cat([teacher.features_from_cqt(c[None])[0] for c in cqts]))
+        codes = [teacher.codes_from_cqt(c[None])[0] for c in cqts]  # [1, T] each
+
+    torch.manual_seed(args.seed)
+    student = MERTModel.from_preset("mert-tiny", seed=args.seed)
+    results = {"settings": vars(args), "random_init": probe(student, corpus), "log": [], "probes": {}}
+    show("random", results["random_init"])
+    config = ObjectiveConfig(num_codebooks=1, codebook_size=args.clusters, final_dim=32,
+                             use_acoustic=codes is not None, use_cqt=args.cqt_target != "none",
+                             cqt_target=args.cqt_target if args.cqt_target != "none" else "linear",
+                             feature_penalty_weight=args.feature_penalty, feature_grad_mult=args.feature_grad_mult,
+                             pred_nomask_weight=args.pred_nomask, mixture_prob=args.mixture)
+    trainer = MERTPretrainer(student, config).train()
+    opt = torch.optim.AdamW(trainer.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(args.seed)
+    crop, hop = int(args.crop * 24000) // 320 * 320, 320
+    t0 = time.perf_counter()
+    for step in range(1, args.updates + 1):
+        scale = min(step / max(1, args.warmup), max(0.0, (args.updates - step) / max(1, args.updates - args.warmup)))
+        for group in opt.param_groups:
+            group["lr"] = args.lr * scale
+        idx = torch.randint(len(audio), (args.batch,), generator=gen).tolist()
+        n = min(crop, min(audio[i].numel() for i in idx) // hop * hop)
+        frames = student.num_frames(n)
+        starts = [hop * int(torch.randint(0, (audio[i].numel() - n) // hop + 1, (1,), generator=gen)) for i in idx]
+        wav = torch.stack([audio[i][s:s + n] for i, s in zip(idx, starts)])
+        cut = min(min(cqts[i].shape[0] - s // hop for i, s in zip(idx, starts)), frames)
+        cqt = torch.stack([cqts[i][s // hop: s // hop + cut] for i, s in zip(idx, starts)])
+        code = torch.stack([codes[i][:, s // hop: s // hop + cut] for i, s in zip(idx, starts)]) if codes else None
+        out = trainer(wav, codes=code, cqt=cqt if config.use_cqt else None, generator=gen)
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainer.parameters(), 10.0)
+        opt.step()
+        results["log"].append({k: float(v) for k, v in out.terms.items() if not k[-1].isdigit()})
+        if step % 100 == 0 or step == args.updates:
+            recent = results["log"][-100:]
+            means = {k: np.mean([r[k] for r in recent]) for k in ("loss", "acoustic_ce", "acoustic_acc", "cqt_mse")
+                     if k in recent[-1]}
+            print(f"update {step} ({time.perf_counter() - t0:.0f} s) " + " ".join(f"{k} {v:.4g}" for k, v in means.items()),
+                  flush=True)
+        if args.probe_every and step % args.probe_every == 0 and step < args.updates:
+            results["probes"][step] = probe(student, corpus)
+            show(f"u{step}", results["probes"][step])
+            trainer.train()
+    results["probes"][args.updates] = probe(student, corpus)
+    show("trained", results["probes"][args.updates])
+    if args.out:
+        from mert_plugin.atomic import atomic_write_json
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        atomic_write_json(args.out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
