@@ -210,6 +210,11 @@ def train(hparams, run_opts, datasets):
         sched.num_training_steps = max(1, per_epoch * hparams["number_of_epochs"])
         logger.info("total_updates: 0 -> %d (%d epochs x %d updates)", sched.num_training_steps,
                     hparams["number_of_epochs"], per_epoch)
+        if sched.num_warmup_steps >= sched.num_training_steps:  # else the rate would never leave warm-up
+            warmup = max(1, round(0.08 * sched.num_training_steps))  # the reference's share (32k of 400k)
+            logger.warning("warmup_updates %d >= the run's %d updates: warming up over %d (8 %%) instead",
+                           sched.num_warmup_steps, sched.num_training_steps, warmup)
+            sched.num_warmup_steps = warmup
     valid_loader = None
     if len(datasets["valid"]):  # fixed order: the same masks are drawn every epoch and after a resume
         valid_sampler = make_batch_sampler(datasets["valid"], hparams["crop_seconds"], **{
