@@ -22,15 +22,20 @@ from .features import ProbeError
 from .mlp import feature_geometry
 
 
-@torch.no_grad()
 def pooled_layers(model, audio_root: Path, paths: Sequence[str], batch_size: int = 16) -> np.ndarray:
-    """[N, L+1, D] time-averaged hidden states of each whole clip.
+    """[N, L+1, D] time-averaged hidden states of each whole clip (see :func:`pool_waveforms`)."""
+    wavs = [load_audio(str(audio_root / rel), model.sample_rate) for rel in paths]
+    return pool_waveforms(model, wavs, batch_size)
+
+
+@torch.no_grad()
+def pool_waveforms(model, wavs: Sequence[torch.Tensor], batch_size: int = 16) -> np.ndarray:
+    """[N, L+1, D] time-averaged hidden states of each waveform [n_i].
 
     Clips of equal length share a batch (no padding, so each clip's result is the one it gets
     alone: conv 0's GroupNorm and the attention work per clip).
     """
     model.eval()
-    wavs = [load_audio(str(audio_root / rel), model.sample_rate) for rel in paths]
     out: List[np.ndarray] = [None] * len(wavs)
     by_length: Dict[int, List[int]] = {}
     for i, w in enumerate(wavs):
@@ -77,13 +82,15 @@ def learning_curve(models: Sequence[Tuple[int, object]], corpus_dir, tasks: Sequ
             raise ProbeError(f"learning_curve: {csv_path} not found (task {task!r} is not in this corpus)")
         table = read_task_csv(csv_path, name=task)
         keep = [i for i, s in enumerate(table.splits) if s in ("train", "test")]
-        tables[task] = ([table.paths[i] for i in keep], [table.labels[i][0] for i in keep],
-                        [table.splits[i] for i in keep])
+        # the audio is read once per task and serves every model
+        sample_rate = models[0][1].sample_rate
+        tables[task] = ([load_audio(str(corpus / table.paths[i]), sample_rate) for i in keep],
+                        [table.labels[i][0] for i in keep], [table.splits[i] for i in keep])
     curve: Dict = {"updates": [int(u) for u, _ in models], "tasks": {t: [] for t in tasks},
                    "effective_rank": {t: [] for t in tasks}}
     for updates, model in progress_bar(models, desc="learning curve", unit="model", disable=not progress):
-        for task, (paths, labels, splits) in tables.items():
-            x = pooled_layers(model, corpus, paths)
+        for task, (wavs, labels, splits) in tables.items():
+            x = pool_waveforms(model, wavs)
             train = np.array([s == "train" for s in splits])
             y = np.array(labels)
             curve["tasks"][task].append(logistic_score(x[train], y[train], x[~train], y[~train]))
