@@ -16,6 +16,15 @@ written only if the max abs difference is within ``tolerance`` (1e-4).
 ``FILE.json`` next to it holds Essentia-style model metadata
 (``schema.inputs[0].shape`` = [batch, W]).
 
+Options: ``length="dynamic"`` (``--length dynamic``) makes the sample axis
+dynamic too (any input length, for the Python runners; Essentia's C++
+``OnnxPredict`` needs the default fixed window). ``quantize="fp16"|"int8"``
+(``--quantize``) converts the checked fp32 graph to fp16 compute or int8
+dynamically quantised MatMuls (float32 inputs and outputs either way) and gates
+it on accuracy instead: every hidden state's mean frame cosine similarity to
+PyTorch fp32 on the test signals must reach ``QUANTIZE_MIN_COSINE`` (the
+measured figures go into the metadata).
+
 Nothing half-written is ever left behind: both files are written under
 temporary names in the target folder and renamed into place after the checks;
 an older ``FILE.json`` is removed before the new graph is renamed in, so a
@@ -48,6 +57,9 @@ from mert_plugin.model import MERTModel, conv_output_lengths
 from .onnx_model import INPUT_LENGTHS, INPUT_NAME, OUTPUT_ALL, OUTPUT_LAST, PROP_PREFIX, metadata_path
 
 DEFAULT_TOLERANCE = 1e-4
+LENGTHS = ("fixed", "dynamic")
+# Accuracy gate of the quantised graphs: min over hidden states of the mean frame cosine to fp32.
+QUANTIZE_MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
 MERT_CITATION = """@article{li2023mert,
   title={MERT: Acoustic Music Understanding Model with Large-Scale Self-supervised Training},
   author={Li, Yizhi and Yuan, Ruibin and Zhang, Ge and Ma, Yinghao and Chen, Xingran and Yin, Hanzhi and Xiao, Chenghao and Lin, Chenghua and Ragni, Anton and Benetos, Emmanouil and Gyenge, Norbert and Dannenberg, Roger and Liu, Ruibo and Chen, Wenhu and Xia, Gus and Shi, Yemin and Huang, Wenhao and Wang, Zili and Guo, Yike and Fu, Jie},
@@ -123,31 +135,46 @@ def parity_inputs(window: int, sample_rate: int) -> Dict[str, np.ndarray]:
     return {"noise": noise.astype(np.float32), "chord": chord.astype(np.float32)}
 
 
-def check_parity(model: MERTModel, graph_path: str, window: int, num_threads: int = 0) -> Dict[str, float]:
-    """Max |onnxruntime - PyTorch| per output.
+def _parity_cases(model: MERTModel, window: int, dynamic: bool = False):
+    """(signals, lengths) batches of the gates; a dynamic graph also gets other lengths."""
+    sig = parity_inputs(window, model.sample_rate)
+    short = max(model.config.receptive_field, window * 2 // 5)
+    cases = [([sig["noise"]], None), ([sig["chord"]], None), ([sig["chord"], sig["noise"]], None),
+             ([sig["noise"], sig["chord"]], [window, short])]
+    if dynamic:  # an unpadded length that is not the example's, and a padded batch of it
+        odd = window * 3 // 5 + 123
+        cases += [([sig["chord"][:odd]], None), ([sig["chord"][:odd], np.concatenate([sig["noise"][:short], np.zeros(
+            odd - short, dtype=np.float32)])], [odd, short])]
+    return cases
 
-    Cases: noise and chord alone (batch 1, ``audio`` only), both together (batch
-    2), and a batch of a full window plus a short one (``num_samples`` given),
-    whose valid frames are compared with ``model`` on the unpadded audio.
-    """
+
+def _session(graph_path: str, num_threads: int = 0):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = num_threads
     opts.log_severity_level = 3
-    session = ort.InferenceSession(graph_path, opts, providers=["CPUExecutionProvider"])
-    sig = parity_inputs(window, model.sample_rate)
-    short = max(model.config.receptive_field, window * 2 // 5)
-    cases = [([sig["noise"]], None), ([sig["chord"]], None), ([sig["chord"], sig["noise"]], None),
-             ([sig["noise"], sig["chord"]], [window, short])]
+    return ort.InferenceSession(graph_path, opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(model: MERTModel, graph_path: str, window: int, num_threads: int = 0,
+                 dynamic: bool = False) -> Dict[str, float]:
+    """Max |onnxruntime - PyTorch| per output.
+
+    Cases: noise and chord alone (batch 1, ``audio`` only), both together (batch
+    2), and a batch of a full window plus a short one (``num_samples`` given),
+    whose valid frames are compared with ``model`` on the unpadded audio
+    (``dynamic``: also an unpadded input of another length, and a padded batch of it).
+    """
+    session = _session(graph_path, num_threads)
     worst = {OUTPUT_LAST: 0.0, OUTPUT_ALL: 0.0}
-    for signals, lengths in cases:
+    for signals, lengths in _parity_cases(model, window, dynamic):
         feed = {INPUT_NAME: np.stack(signals)}
         if lengths is not None:
             feed[INPUT_LENGTHS] = np.asarray(lengths, dtype=np.float32)
         got_last, got_all = session.run([OUTPUT_LAST, OUTPUT_ALL], feed)
         for b, x in enumerate(signals):
-            n = window if lengths is None else lengths[b]
+            n = x.shape[0] if lengths is None else lengths[b]
             with torch.inference_mode():
                 out = model(torch.from_numpy(x[:n])[None])
             ref_last, ref_all = out.last_hidden_state[0].numpy(), torch.stack(out.hidden_states, 1)[0].numpy()
@@ -161,15 +188,82 @@ def check_parity(model: MERTModel, graph_path: str, window: int, num_threads: in
     return worst
 
 
+def frame_cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every frame: [..., T, D] x2 -> [..., T] (float64; NaN/Inf count as 0)."""
+    got, ref = np.nan_to_num(got.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0), ref.astype(np.float64)
+    num = (got * ref).sum(-1)
+    den = np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1)
+    return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
+
+
+def check_accuracy(model: MERTModel, graph_path: str, window: int, num_threads: int = 0,
+                   dynamic: bool = False) -> Dict:
+    """Frame cosine similarity of a (quantised) graph's hidden states to PyTorch fp32, on the
+    parity cases: ``{"layer_mean_cosine": [per state], "layer_min_cosine": [...], "max_abs_diff"}``."""
+    session = _session(graph_path, num_threads)
+    cos: list = []
+    worst = 0.0
+    for signals, lengths in _parity_cases(model, window, dynamic):
+        feed = {INPUT_NAME: np.stack(signals)}
+        if lengths is not None:
+            feed[INPUT_LENGTHS] = np.asarray(lengths, dtype=np.float32)
+        got_all = session.run([OUTPUT_ALL], feed)[0]
+        for b, x in enumerate(signals):
+            n = x.shape[0] if lengths is None else lengths[b]
+            with torch.inference_mode():
+                ref = torch.stack(model(torch.from_numpy(x[:n])[None]).hidden_states, 1)[0].numpy()
+            got = got_all[b, :, :ref.shape[1]]
+            cos.append(frame_cosines(got, ref))
+            worst = max(worst, float(np.nan_to_num(np.abs(got - ref), nan=np.inf).max()))
+    per_frame = np.concatenate(cos, axis=1)  # [L+1, all frames]
+    return {"layer_mean_cosine": [round(float(v), 6) for v in per_frame.mean(1)],
+            "layer_min_cosine": [round(float(v), 6) for v in per_frame.min(1)],
+            "max_abs_diff": worst}
+
+
+def quantize_graph(src: str, dst: str, mode: str) -> None:
+    """Write ``src`` (an fp32 graph) to ``dst`` as fp16 compute or int8 dynamically quantised MatMuls."""
+    import onnx
+
+    if mode == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = convert_float_to_float16(onnx.load(src), keep_io_types=True)
+        onnx.save(converted, dst)
+    elif mode == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        ort_log = logging.getLogger()
+        old = ort_log.level
+        ort_log.setLevel(logging.ERROR)  # "consider pre-processing" advice
+        try:
+            # MatMuls only: the linear layers are 2/3 of the work; ConvInteger is slower than
+            # onnxruntime's fp32 Conv on the stem and costs accuracy.
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        finally:
+            ort_log.setLevel(old)
+    else:
+        raise MERTError(f"quantize must be fp16 or int8, got {mode!r}")
+
+
 def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tolerance: float = DEFAULT_TOLERANCE,
                 name: Optional[str] = None, description: Optional[str] = None,
                 weights_license: Optional[str] = None, source: Optional[str] = None,
-                verbose: bool = False) -> Dict:
+                verbose: bool = False, length: str = "fixed", quantize: Optional[str] = None) -> Dict:
     """Export ``model`` to ``output`` (``.onnx``) and ``output``'s ``.json``; return the metadata.
 
     Raises :class:`ParityError` (and writes nothing) if onnxruntime and PyTorch
-    differ by more than ``tolerance``. Puts ``model`` in eval mode.
+    differ by more than ``tolerance`` (or, with ``quantize``, if the quantised graph
+    misses its cosine gate). ``length="dynamic"``: any input length (``window_seconds``
+    is then only the example and test length). Puts ``model`` in eval mode.
     """
+    if length not in LENGTHS:
+        raise MERTError(f"length must be one of {list(LENGTHS)}, got {length!r}")
+    if quantize is not None and quantize not in QUANTIZE_MIN_COSINE:
+        raise MERTError(f"quantize must be one of {sorted(QUANTIZE_MIN_COSINE)}, got {quantize!r}")
+    dynamic = length == "dynamic"
     output = os.fspath(output)
     if not output.endswith(".onnx"):
         raise MERTError(f"{output}: the output file name must end in .onnx")
@@ -188,16 +282,31 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
     # eval() on the exact module exported: dropout and layerdrop must be off in the graph.
     model.eval()
     wrapper = ExportWrapper(model).eval()
-    with pending_file(output) as graph, pending_file(final_json) as graph_json:
-        output_ops = _export_graph(wrapper, graph.path, window, cfg, verbose)
-        diffs = check_parity(model, graph.path, window)
+    with pending_file(output) as graph, pending_file(final_json) as graph_json, \
+            pending_file(output, tag="fp32") as fp32_graph:
+        fp32_path = fp32_graph.path if quantize else graph.path
+        output_ops = _export_graph(wrapper, fp32_path, window, cfg, verbose, dynamic)
+        diffs = check_parity(model, fp32_path, window, dynamic=dynamic)
         worst = max(diffs.values())
         if not worst <= tolerance:
             raise ParityError(f"ONNX export failed the parity check: max |onnxruntime - PyTorch| = {worst:.3g} "
                               f"> {tolerance:.0e} ({', '.join(f'{k} {v:.3g}' for k, v in diffs.items())}); "
                               f"nothing was written to {output}")
+        accuracy = None
+        if quantize:
+            quantize_graph(fp32_path, graph.path, quantize)
+            fp32_graph.discard()
+            accuracy = check_accuracy(model, graph.path, window, dynamic=dynamic)
+            accuracy["min_cosine_required"] = QUANTIZE_MIN_COSINE[quantize]
+            got = min(accuracy["layer_mean_cosine"])
+            if not got >= QUANTIZE_MIN_COSINE[quantize]:
+                raise ParityError(f"the {quantize} graph failed its accuracy gate: a hidden state's mean frame "
+                                  f"cosine to PyTorch fp32 is {got:.6f} < {QUANTIZE_MIN_COSINE[quantize]} "
+                                  f"(per state: {accuracy['layer_mean_cosine']}); nothing was written to {output}")
+            _set_graph_props(graph.path, {"precision": quantize})
         meta = build_metadata(model, output, window, diffs, tolerance, name=name, description=description,
-                              weights_license=weights_license, source=source, output_ops=output_ops)
+                              weights_license=weights_license, source=source, output_ops=output_ops,
+                              length=length, precision=quantize or "fp32", accuracy=accuracy)
         with open(graph_json.path, "w", encoding="utf-8") as f:
             f.write(json_text(meta, sort_keys=False))  # MTG's field order
         # Order matters for a kill between the renames: never pair a new graph with old metadata.
@@ -208,8 +317,24 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
         return meta
 
 
-def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: bool) -> Dict[str, str]:
-    """Dynamo export: batch axis dynamic, all other dims static, one self-contained file.
+def _set_graph_props(path: str, props: Dict[str, str]) -> None:
+    """Add ``mert.*`` metadata_props to the graph at ``path`` (rewritten in place: a temporary)."""
+    import onnx
+
+    proto = onnx.load(path)
+    for k, v in props.items():
+        entry = next((p for p in proto.metadata_props if p.key == PROP_PREFIX + k), None)
+        if entry is None:
+            entry = proto.metadata_props.add()
+            entry.key = PROP_PREFIX + k
+        entry.value = str(v)
+    onnx.save(proto, path)
+
+
+def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: bool,
+                  dynamic: bool = False) -> Dict[str, str]:
+    """Dynamo export: batch axis dynamic, all other dims static (``dynamic``: the sample and
+    frame axes too), one self-contained file.
 
     ``num_samples`` becomes an input with a default value (an overridable
     initializer holding [W]), so callers that feed only ``audio`` -- such as
@@ -222,6 +347,9 @@ def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: 
     example[0].normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([float(window), float(window // 2)])
     batch = torch.export.Dim("batch", min=1, max=1024)
+    audio_dims = {0: batch}
+    if dynamic:  # up to 1 h per call; at least the receptive field
+        audio_dims[1] = torch.export.Dim("samples", min=cfg.receptive_field, max=3600 * cfg.sample_rate)
     onnx_log = logging.getLogger("torch.onnx")
     old_level = onnx_log.level
     with warnings.catch_warnings():
@@ -232,7 +360,7 @@ def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: 
             program = torch.onnx.export(wrapper, (example, lengths), dynamo=True,
                                         input_names=[INPUT_NAME, INPUT_LENGTHS],
                                         output_names=[OUTPUT_LAST, OUTPUT_ALL],
-                                        dynamic_shapes={"audio": {0: batch}, "num_samples": {0: batch}},
+                                        dynamic_shapes={"audio": audio_dims, "num_samples": {0: batch}},
                                         verbose=verbose)
         except ModuleNotFoundError as exc:
             raise MERTError(f"ONNX export needs the '{exc.name}' package (pip install onnxscript onnx)") from None
@@ -242,19 +370,21 @@ def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: 
     graph = ir_model.graph
     for value in graph.outputs:
         dims = list(value.shape)
-        if any(not isinstance(d, int) for d in dims[1:]):
+        if not dynamic and any(not isinstance(d, int) for d in dims[1:]):
             raise MERTError(f"exported output {value.name} has a dynamic non-batch shape {dims}; "
                             "Essentia's OnnxPredict needs static shapes")
     _drop_softmax_nan_guards(graph)
     lengths_input = next(v for v in graph.inputs if v.name == INPUT_LENGTHS)
     lengths_input.const_value = ir.tensor(np.array([window], dtype=np.float32), name=INPUT_LENGTHS)
     graph.register_initializer(lengths_input)
-    props = {"sample_rate": cfg.sample_rate, "window_samples": window, "hop_length": cfg.hop_length,
+    props = {"sample_rate": cfg.sample_rate, "window_samples": "dynamic" if dynamic else window,
+             "hop_length": cfg.hop_length,
              "receptive_field": cfg.receptive_field, "num_hidden_states": cfg.num_hidden_states,
              "hidden_size": cfg.hidden_size}
     for k, v in props.items():
         ir_model.metadata_props[PROP_PREFIX + k] = str(v)
-    ir_model.doc_string = "MERT encoder, fixed-window export by mert-export-onnx (mert-plugin)"
+    ir_model.doc_string = (f"MERT encoder, {'dynamic-length' if dynamic else 'fixed-window'} export by "
+                           "mert-export-onnx (mert-plugin)")
     program.save(path, external_data=False)
     return {value.name: (value.producer().op_type if value.producer() is not None else "")
             for value in graph.outputs}
@@ -290,8 +420,12 @@ def _drop_softmax_nan_guards(graph) -> int:
 def build_metadata(model: MERTModel, output: str, window: int, diffs: Dict[str, float], tolerance: float,
                    name: Optional[str] = None, description: Optional[str] = None,
                    weights_license: Optional[str] = None, source: Optional[str] = None,
-                   output_ops: Optional[Dict[str, str]] = None) -> Dict:
-    """Essentia model metadata (the fields of MTG's ``*.json`` files) for the exported graph."""
+                   output_ops: Optional[Dict[str, str]] = None, length: str = "fixed", precision: str = "fp32",
+                   accuracy: Optional[Dict] = None) -> Dict:
+    """Essentia model metadata (the fields of MTG's ``*.json`` files) for the exported graph.
+
+    A dynamic-length graph has ``"num_samples"`` / ``"frames"`` as its non-batch input and
+    frame dims and no fixed window (``inference.window_samples`` is null)."""
     import onnx
     import onnxruntime
 
@@ -301,16 +435,34 @@ def build_metadata(model: MERTModel, output: str, window: int, diffs: Dict[str, 
     stem = os.path.splitext(os.path.basename(output))[0]
     source = source or "unknown weights"
     ops = output_ops or {}
+    dynamic = length == "dynamic"
+    in_len, t_len = ("num_samples", "frames") if dynamic else (window, frames)
+    shape_text = ("any input length (dynamic-length graph for Python runners; not for Essentia's C++ "
+                  "OnnxPredict)" if dynamic else
+                  f"a fixed {window / cfg.sample_rate:g} s window ({window} samples at {cfg.sample_rate} Hz) giving "
+                  f"{frames} frames")
+    compute = {"fp32": "", "fp16": " Computes in fp16 (float32 inputs and outputs).",
+               "int8": " MatMuls dynamically quantised to int8 (float32 inputs and outputs)."}[precision]
+    export_block = {
+        "source": source,
+        "exporter": f"torch.onnx (dynamo) {torch.__version__}",
+        "parity_max_abs_diff": diffs,
+        "parity_tolerance": tolerance,
+        "parity_runtime": f"onnxruntime {onnxruntime.__version__}",
+        "length": length,
+        "precision": precision,
+    }
+    if accuracy is not None:  # the quantised graph's own gate (parity_* is that of the fp32 graph it came from)
+        export_block["accuracy_vs_fp32"] = accuracy
     return {
         "name": name or stem,
         "type": "audio embedding extractor (self-supervised music encoder)",
         "link": "",
         "version": "1",
         "description": description or (
-            f"MERT encoder ({cfg.num_hidden_layers} layers x {dim}) from {source}, exported as a fixed "
-            f"{window / cfg.sample_rate:g} s window ({window} samples at {cfg.sample_rate} Hz) giving {frames} "
-            f"frames ({cfg.frame_rate:g} frames/s). Outputs: last_hidden_state and all {states} hidden "
-            "states. Longer audio is cut into windows overlapping by 1 s (patchHopSize) and stitched."),
+            f"MERT encoder ({cfg.num_hidden_layers} layers x {dim}) from {source}, exported for {shape_text} "
+            f"({cfg.frame_rate:g} frames/s). Outputs: last_hidden_state and all {states} hidden "
+            "states. Longer audio is cut into windows overlapping by 1 s (patchHopSize) and stitched." + compute),
         "author": "",
         "email": "",
         "release_date": datetime.date.today().isoformat(),
@@ -321,38 +473,32 @@ def build_metadata(model: MERTModel, output: str, window: int, diffs: Dict[str, 
         "citation": MERT_CITATION,
         "schema": {
             "inputs": [
-                {"name": INPUT_NAME, "type": "float", "shape": ["batch_size", window]},
+                {"name": INPUT_NAME, "type": "float", "shape": ["batch_size", in_len]},
                 {"name": INPUT_LENGTHS, "type": "float", "shape": ["batch_size"], "optional": True,
-                 "default": [window],
+                 "default": [window] if not dynamic else "the input length",
                  "description": "real samples per window (the rest is padding and is masked out); "
                                 "leave unset for full windows"},
             ],
             "outputs": [
-                {"name": OUTPUT_LAST, "type": "float", "shape": ["batch_size", frames, dim],
+                {"name": OUTPUT_LAST, "type": "float", "shape": ["batch_size", t_len, dim],
                  "op": ops.get(OUTPUT_LAST, ""), "output_purpose": "embeddings"},
-                {"name": OUTPUT_ALL, "type": "float", "shape": ["batch_size", states, frames, dim],
+                {"name": OUTPUT_ALL, "type": "float", "shape": ["batch_size", states, t_len, dim],
                  "op": ops.get(OUTPUT_ALL, ""), "output_purpose": ""},
             ],
         },
         "inference": {
             "sample_rate": cfg.sample_rate,
             "algorithm": "OnnxPredictMERT",
-            "window_samples": window,
-            "frames_per_window": frames,
+            "window_samples": None if dynamic else window,
+            "frames_per_window": None if dynamic else frames,
             "hop_length": cfg.hop_length,
             "receptive_field": cfg.receptive_field,
             "frame_rate": cfg.frame_rate,
-            "patch_hop_size": window - cfg.sample_rate,
+            "patch_hop_size": None if dynamic else window - cfg.sample_rate,
             "num_hidden_states": states,
             "hidden_size": dim,
         },
-        "export": {
-            "source": source,
-            "exporter": f"torch.onnx (dynamo) {torch.__version__}",
-            "parity_max_abs_diff": diffs,
-            "parity_tolerance": tolerance,
-            "parity_runtime": f"onnxruntime {onnxruntime.__version__}",
-        },
+        "export": export_block,
         "mert_config": cfg.to_dict(),
     }
 
@@ -378,7 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", help="randomly initialised preset (mert-tiny, mert-v1-95m, ...) for tests/demos")
     p.add_argument("--seed", type=int, default=0, help="seed for --preset weights (default 0)")
     p.add_argument("--output", required=True, help="FILE.onnx (FILE.json is written next to it)")
-    p.add_argument("--window-seconds", type=float, default=5.0, help="fixed input window (default 5 s)")
+    p.add_argument("--window-seconds", type=float, default=5.0,
+                   help="fixed input window (default 5 s); with --length dynamic only the test length")
+    p.add_argument("--length", choices=LENGTHS, default="fixed",
+                   help="fixed (default): the window is baked in, as Essentia's C++ OnnxPredict needs; dynamic: "
+                        "any input length, for mert-extract and the Python runners (no wasted overlap)")
+    p.add_argument("--quantize", choices=sorted(QUANTIZE_MIN_COSINE),
+                   help="fp16: fp16 compute (for GPUs); int8: int8 dynamically quantised MatMuls (CPU). Gated on "
+                        "frame cosine similarity to fp32 instead of the 1e-4 parity (figures in the JSON)")
     p.add_argument("--name", help="model name in the metadata (default: the output file stem)")
     p.add_argument("--description", help="description in the metadata")
     p.add_argument("--weights-license", help="licence of the weights, recorded in the metadata")
@@ -404,10 +557,15 @@ def _run(args) -> int:
     print(f"exporting {source} -> {args.output} ...", file=sys.stderr)
     meta = export_onnx(model, args.output, window_seconds=args.window_seconds, name=args.name,
                        description=args.description, weights_license=args.weights_license, source=source,
-                       verbose=args.verbose)
+                       verbose=args.verbose, length=args.length, quantize=args.quantize)
     diff = max(meta["export"]["parity_max_abs_diff"].values())
-    print(f"wrote {args.output} and {metadata_path(args.output)} (window {meta['inference']['window_samples']} "
-          f"samples -> {meta['inference']['frames_per_window']} frames; parity max abs diff {diff:.2e})",
+    accuracy = meta["export"].get("accuracy_vs_fp32")
+    if accuracy is not None:
+        print(f"{args.quantize}: min mean frame cosine to fp32 over hidden states "
+              f"{min(accuracy['layer_mean_cosine']):.6f} (gate {accuracy['min_cosine_required']})", file=sys.stderr)
+    shape = "any length" if args.length == "dynamic" else \
+        f"window {meta['inference']['window_samples']} samples -> {meta['inference']['frames_per_window']} frames"
+    print(f"wrote {args.output} and {metadata_path(args.output)} ({shape}; fp32 parity max abs diff {diff:.2e})",
           file=sys.stderr)
     return 0
 

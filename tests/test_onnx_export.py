@@ -221,3 +221,47 @@ def test_graph_without_its_json_still_runs_and_mismatched_json_is_refused(export
     (tmp_path / "junk.onnx").write_bytes(os.urandom(2000))
     with pytest.raises(MERTError, match="cannot load the ONNX model"):
         OnnxMERT(str(tmp_path / "junk.onnx"))
+
+
+def test_dynamic_length_int8_graph_runs_any_length_and_records_its_gate(tmp_path, capsys):
+    """--length dynamic --quantize int8: any input length, frames close to PyTorch fp32, gate figures in the JSON."""
+    out = tmp_path / "dyn8.onnx"
+    rc = ex.main(["--preset", "mert-tiny", "--seed", "3", "--output", str(out), "--threads", "1",
+                  "--window-seconds", "1", "--length", "dynamic", "--quantize", "int8"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["schema"]["inputs"][0]["shape"] == ["batch_size", "num_samples"]
+    assert meta["inference"]["window_samples"] is None
+    acc = meta["export"]["accuracy_vs_fp32"]
+    assert meta["export"]["precision"] == "int8" and meta["export"]["length"] == "dynamic"
+    assert len(acc["layer_mean_cosine"]) == 5 and min(acc["layer_mean_cosine"]) >= acc["min_cosine_required"]
+    assert acc["max_abs_diff"] > 1e-4  # it really is quantised (fp32 parity would be ~1e-6)
+    props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    assert props["mert.precision"] == "int8" and props["mert.window_samples"] == "dynamic"
+    graph = OnnxMERT(out, num_threads=1, window_seconds=2.0)
+    assert graph.info.dynamic and graph.info.precision == "int8" and graph.info.window == 48000
+    model = MERTModel.from_preset("mert-tiny", seed=3).eval()
+    x = ex.parity_inputs(57_777, 24000)["chord"]
+    with torch.inference_mode():
+        ref = torch.stack(model(torch.from_numpy(x)[None]).hidden_states, 1)[0].numpy()
+    got = graph.run(x[None], [x.shape[0]])[0]
+    assert got.shape == ref.shape
+    assert ex.frame_cosines(got, ref).mean(-1).min() >= 0.99
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the fp32 temporary is gone
+
+
+def test_quantised_graph_failing_its_gate_is_not_written(tmp_path, monkeypatch, capsys):
+    """Fault injection: the quantiser's output gets one weight changed; the cosine gate refuses it."""
+    real = ex.quantize_graph
+
+    def quantize_then_corrupt(src, dst, mode):
+        real(src, dst, mode)
+        _corrupt_one_weight(dst)
+
+    monkeypatch.setattr(ex, "quantize_graph", quantize_then_corrupt)
+    out = tmp_path / "m16.onnx"
+    rc = ex.main(["--preset", "mert-tiny", "--output", str(out), "--threads", "1", "--window-seconds", "1",
+                  "--quantize", "fp16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("error: the fp16 graph failed its accuracy gate")
+    assert list(tmp_path.iterdir()) == []
