@@ -1,6 +1,6 @@
-"""Run a fixed-window MERT graph written by ``mert-export-onnx`` with onnxruntime.
+"""Run a MERT graph written by ``mert-export-onnx`` with onnxruntime (CPU or CUDA).
 
-The graph takes ``audio`` [batch, W] (W = the export window in samples) and,
+A fixed-window graph takes ``audio`` [batch, W] (W = the export window in samples) and,
 optionally, ``num_samples`` [batch] (real samples per window, default W), and
 returns ``last_hidden_state`` [batch, T_w, D] and ``hidden_states``
 [batch, L+1, T_w, D]. Audio of any other length is cut into windows with the
@@ -9,6 +9,14 @@ overlaps split in the middle); a window shorter than W -- the last one, or a
 whole track shorter than W -- is zero-padded to W with ``num_samples`` set to
 its real length, so the graph masks the padding out and the frames equal an
 unpadded PyTorch run; frames beyond the real audio are dropped.
+
+A dynamic-length graph (``mert-export-onnx --length dynamic``) takes ``audio``
+[batch, N] for any N; its runner uses ``DEFAULT_DYNAMIC_WINDOW_SECONDS`` windows
+unless told otherwise, and trims each batch to its longest real window (the
+rest is masked padding, so trimming it changes nothing but the cost).
+
+Graphs made with ``--quantize fp16|int8`` keep float32 inputs and outputs;
+``GraphInfo.precision`` says what they compute in.
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ OUTPUT_ALL = "hidden_states"
 # Keys written into the graph's metadata_props, so a graph without its JSON still runs.
 PROP_PREFIX = "mert."
 LAST_PATCH_MODES = ("pad", "discard")
+DEFAULT_DYNAMIC_WINDOW_SECONDS = 30.0
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def metadata_path(graph_path: str) -> str:
@@ -47,6 +57,8 @@ class GraphInfo:
     frames_per_window: int    # T_w
     num_hidden_states: int    # L + 1
     hidden_size: int          # D
+    dynamic: bool = False     # True: any input length (``window`` is then the runner's default window)
+    precision: str = "fp32"   # what the graph computes in: fp32, fp16 or int8 (inputs/outputs stay float32)
 
     def num_frames(self, num_samples: int) -> int:
         """Frames a full pass over ``num_samples`` samples gives (0 if too short)."""
@@ -62,12 +74,14 @@ class OnnxMERT:
     (cross-checked against the graph) or else from the graph's own metadata.
     """
 
-    def __init__(self, path: str, num_threads: int = 0):
+    def __init__(self, path: str, num_threads: int = 0, device: str = "cpu",
+                 window_seconds: Optional[float] = None):
         import onnxruntime as ort
 
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise CheckpointError(f"{path}: no such ONNX file")
+        providers = onnx_providers(device)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(num_threads)
         opts.inter_op_num_threads = 1
@@ -78,16 +92,17 @@ class OnnxMERT:
         # allocations the big activations go back to the OS (peak RSS -150 MiB, same speed).
         opts.enable_cpu_mem_arena = False
         try:
-            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(path, opts, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
             reason = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: cannot load the ONNX model ({reason})") from None
         self.path = path
+        self.device = device
         self.metadata: Optional[Dict] = _read_json(metadata_path(path))
-        self.info = self._graph_info()
+        self.info = self._graph_info(window_seconds)
 
     # ----------------------------------------------------------------- set-up
-    def _graph_info(self) -> GraphInfo:
+    def _graph_info(self, window_seconds: Optional[float] = None) -> GraphInfo:
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         if INPUT_NAME not in inputs or OUTPUT_ALL not in outputs or OUTPUT_LAST not in outputs:
@@ -95,10 +110,12 @@ class OnnxMERT:
                                   f"and outputs '{OUTPUT_LAST}', '{OUTPUT_ALL}'; found {sorted(inputs)} -> "
                                   f"{sorted(outputs)})")
         in_shape, all_shape = inputs[INPUT_NAME], outputs[OUTPUT_ALL]
-        if len(in_shape) != 2 or not isinstance(in_shape[1], int) or len(all_shape) != 4 \
-                or not all(isinstance(d, int) for d in all_shape[1:]):
-            raise CheckpointError(f"{self.path}: expected a fixed-window graph audio [batch, W] -> "
-                                  f"hidden_states [batch, L+1, T, D]; got {in_shape} -> {all_shape}")
+        dynamic = len(in_shape) == 2 and not isinstance(in_shape[1], int)
+        if len(in_shape) != 2 or len(all_shape) != 4 or not isinstance(all_shape[1], int) \
+                or not isinstance(all_shape[3], int) or isinstance(all_shape[2], int) == dynamic:
+            raise CheckpointError(f"{self.path}: expected a graph audio [batch, W] -> hidden_states "
+                                  f"[batch, L+1, T, D] (W and T fixed, or both dynamic); got {in_shape} -> "
+                                  f"{all_shape}")
         props = self.session.get_modelmeta().custom_metadata_map
         inference = (self.metadata or {}).get("inference", {})
 
@@ -109,9 +126,31 @@ class OnnxMERT:
                                       "and the graph's metadata; re-export with mert-export-onnx")
             return int(value)
 
-        info = GraphInfo(sample_rate=field("sample_rate"), window=in_shape[1], hop_length=field("hop_length"),
-                         receptive_field=field("receptive_field"), frames_per_window=all_shape[2],
-                         num_hidden_states=all_shape[1], hidden_size=all_shape[3])
+        precision = str((self.metadata or {}).get("export", {}).get("precision",
+                                                                    props.get(PROP_PREFIX + "precision", "fp32")))
+        if precision not in PRECISIONS:
+            raise CheckpointError(f"{self.path}: unknown graph precision {precision!r} (expected one of "
+                                  f"{list(PRECISIONS)})")
+        sample_rate, hop, rf = field("sample_rate"), field("hop_length"), field("receptive_field")
+        if dynamic:
+            declared = ((self.metadata or {}).get("schema", {}).get("inputs") or [{}])[0].get("shape", [None, None])[-1]
+            if isinstance(declared, int):
+                raise CheckpointError(f"{metadata_path(self.path)} says the window is {declared} samples but "
+                                      f"{self.path} takes any length; the two files do not belong together")
+            seconds = DEFAULT_DYNAMIC_WINDOW_SECONDS if window_seconds is None else float(window_seconds)
+            window = int(round(seconds * sample_rate))
+            if window < rf:
+                raise MERTError(f"a {seconds:g} s window is shorter than one frame ({rf} samples)")
+            return GraphInfo(sample_rate=sample_rate, window=window, hop_length=hop, receptive_field=rf,
+                             frames_per_window=(window - rf) // hop + 1, num_hidden_states=all_shape[1],
+                             hidden_size=all_shape[3], dynamic=True, precision=precision)
+        info = GraphInfo(sample_rate=sample_rate, window=in_shape[1], hop_length=hop,
+                         receptive_field=rf, frames_per_window=all_shape[2],
+                         num_hidden_states=all_shape[1], hidden_size=all_shape[3], precision=precision)
+        if window_seconds is not None and int(round(window_seconds * sample_rate)) != info.window:
+            raise MERTError(f"{self.path} has a fixed window of {info.window / sample_rate:g} s; a "
+                            f"{window_seconds:g} s window cannot be used with it (export a dynamic-length "
+                            "graph with mert-export-onnx --length dynamic)")
         if self.metadata is not None:
             declared = self.metadata.get("schema", {}).get("inputs", [{}])[0].get("shape", [None, None])[-1]
             if declared != info.window:
@@ -130,7 +169,15 @@ class OnnxMERT:
         each; None = all full) -> ``output`` ([B, L+1, T_w, D] or [B, T_w, D]).
         Frames past ``info.num_frames(lengths[b])`` are padding and meaningless."""
         batch = np.ascontiguousarray(batch, dtype=np.float32)
-        if batch.ndim != 2 or batch.shape[1] != self.info.window:
+        if self.info.dynamic:
+            if batch.ndim != 2 or batch.shape[1] < self.info.receptive_field:
+                raise MERTError(f"{self.path}: expected windows shaped [batch, samples >= "
+                                f"{self.info.receptive_field}], got {list(batch.shape)}")
+            if lengths is not None:  # trailing columns that are padding in every row: masked, so not run
+                width = max(int(max(lengths)), self.info.receptive_field)
+                if width < batch.shape[1]:
+                    batch = np.ascontiguousarray(batch[:, :width])
+        elif batch.ndim != 2 or batch.shape[1] != self.info.window:
             raise MERTError(f"{self.path}: expected windows shaped [batch, {self.info.window}], "
                             f"got {list(batch.shape)}")
         feed = {INPUT_NAME: batch}
@@ -166,6 +213,29 @@ class OnnxMERT:
                 out[:, w.keep_start:w.keep_end] = states[b, :, w.keep_start - w.frame_offset:
                                                          w.keep_end - w.frame_offset]
         return out
+
+
+def onnx_providers(device: str = "cpu") -> List:
+    """onnxruntime execution providers for ``device`` (``cpu``, ``cuda``, ``cuda:N``).
+
+    CUDA needs the ``onnxruntime-gpu`` package (it replaces ``onnxruntime``); without
+    it this raises a :class:`MERTError` that says so instead of silently running on the CPU.
+    """
+    import onnxruntime as ort
+
+    device = str(device)
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda" or device.startswith("cuda:"):
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise MERTError(f"--device {device} with an ONNX model needs onnxruntime's CUDA execution provider, "
+                            f"which this onnxruntime {ort.__version__} does not have (providers: "
+                            f"{', '.join(available)}); install onnxruntime-gpu in place of onnxruntime, or use "
+                            "--device cpu, or the torch backend")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise MERTError(f"unknown device {device!r} for the ONNX backend (cpu, cuda or cuda:N)")
 
 
 # ----------------------------------------------------------------- windowing
