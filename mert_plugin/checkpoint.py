@@ -4,8 +4,11 @@ Supported sources (:func:`load_checkpoint`):
 
 * a local Hugging Face folder: ``config.json`` + ``model.safetensors`` or
   ``pytorch_model.bin`` (or their sharded ``*.index.json`` forms);
-* a hub id such as ``m-a-p/MERT-v1-95M`` that is already in the local HF cache
-  (never downloaded: this package makes no network calls);
+* a hub id such as ``m-a-p/MERT-v1-95M``, resolved by ``huggingface_hub`` as
+  ``transformers`` resolves it (:func:`resolve_hub_model`): downloaded into the HF
+  cache when the hub can be reached, read from the cache otherwise or when
+  ``HF_HUB_OFFLINE=1`` / ``local_files_only=True``; ``revision`` picks a branch,
+  tag or commit;
 * an original fairseq ``.pt`` checkpoint (``MERT-v1-95M_fairseq.pt``), read by a
   restricted unpickler that builds inert stand-ins for fairseq/omegaconf
   classes instead of importing them;
@@ -24,7 +27,7 @@ import os
 import pickle
 import types
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -39,9 +42,15 @@ SB_CONFIG_FILE = "mert_config.ckpt"
 
 
 # --------------------------------------------------------------------------- API
-def load_checkpoint(path_or_id: str, strict_config: bool = True,
-                    map_location="cpu") -> Tuple[MERTConfig, Dict[str, torch.Tensor]]:
-    """Resolve ``path_or_id`` and return ``(config, state_dict)`` (HF key names)."""
+def load_checkpoint(path_or_id: str, strict_config: bool = True, map_location="cpu", *,
+                    revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                    local_files_only: bool = False, token: Union[None, bool, str] = None,
+                    force_download: bool = False) -> Tuple[MERTConfig, Dict[str, torch.Tensor]]:
+    """Resolve ``path_or_id`` and return ``(config, state_dict)`` (HF key names).
+
+    A local path wins over a hub id of the same spelling (as in ``transformers``). The
+    keyword arguments apply to hub ids only (see :func:`resolve_hub_model`).
+    """
     path = os.fspath(path_or_id)
     if os.path.isdir(path):
         return _load_dir(path, strict_config, map_location)
@@ -53,7 +62,9 @@ def load_checkpoint(path_or_id: str, strict_config: bool = True,
         raise CheckpointError(f"{path}: not a recognised checkpoint (expected an HF folder, a fairseq "
                               f".pt or a SpeechBrain checkpoint folder)")
     if _looks_like_hub_id(path):
-        return _load_dir(resolve_hf_cache(path), strict_config, map_location)
+        folder = resolve_hub_model(path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                   token=token, force_download=force_download)
+        return _load_dir(folder, strict_config, map_location)
     raise CheckpointError(f"{path}: no such file or folder")
 
 
@@ -85,12 +96,69 @@ def normalise_state_dict(state: Dict[str, torch.Tensor], model: Optional[torch.n
     return out
 
 
-def save_pretrained(model, directory: str, safe_serialization: bool = True) -> None:
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def preprocessor_config(sample_rate: int, do_normalize: Optional[bool] = None) -> Dict[str, Any]:
+    """The ``Wav2Vec2FeatureExtractor`` settings the hub's MERT folders hold (``preprocessor_config.json``).
+
+    ``do_normalize`` defaults to the released models' files: False at 24 kHz (MERT-v1: raw
+    audio, as pretrained), True at 16 kHz (MERT-v0's processor normalises each clip).
+    """
+    if do_normalize is None:
+        do_normalize = int(sample_rate) == 16000
+    return {"do_normalize": bool(do_normalize), "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+            "feature_size": 1, "padding_side": "right", "padding_value": 0.0,
+            "return_attention_mask": True, "sampling_rate": int(sample_rate)}
+
+
+_MODEL_CARD = """\
+---
+library_name: transformers
+pipeline_tag: feature-extraction
+tags:
+- music
+- audio
+- mert
+- hubert
+- self-supervised-learning
+---
+
+# {name}
+
+A MERT music encoder ([arXiv 2306.00107](https://arxiv.org/abs/2306.00107)) written by
+`mert_plugin`'s `save_pretrained`: {layers} transformer layers x {hidden}, {rate} Hz mono input,
+{fps:g} frames per second, {states} hidden states (the transformer input and every layer).
+The config is a plain `model_type: hubert` one: no remote code is needed.
+
+```python
+from transformers import AutoFeatureExtractor, HubertModel
+processor = AutoFeatureExtractor.from_pretrained("<this folder or repo>")   # Wav2Vec2FeatureExtractor, do_normalize={norm}
+model = HubertModel.from_pretrained("<this folder or repo>")
+inputs = processor(wav, sampling_rate={rate}, return_tensors="pt")         # wav: 1-D float array at {rate} Hz
+hidden_states = model(**inputs, output_hidden_states=True).hidden_states  # {states} x [1, T, {hidden}]
+
+from mert_plugin import MERTModel
+model = MERTModel.from_pretrained("<this folder or repo>")
+```
+{pre_ln}
+Training data, intended use, licence and evaluation: to be written by the model's author.
+"""
+
+
+def save_pretrained(model, directory: str, safe_serialization: bool = True,
+                    do_normalize: Optional[bool] = None) -> None:
     """Write an HF folder (``model_type: hubert``) that plain ``HubertModel`` loads.
 
-    Files are written under temporary names and renamed, so an interrupted save
-    never leaves a half-written model behind.
+    Next to ``config.json`` and the weights it writes what the hub's MERT folders hold:
+    ``preprocessor_config.json`` (``Wav2Vec2FeatureExtractor``, so ``AutoFeatureExtractor``
+    loads it; see :func:`preprocessor_config`), and a model-card stub ``README.md`` unless the
+    folder already has one (a card someone wrote is never overwritten). Files are written
+    under temporary names and renamed, so an interrupted save never leaves a half-written
+    model behind.
     """
+    from .atomic import atomic_write_json, atomic_write_text
+
     os.makedirs(directory, exist_ok=True)
     state = OrderedDict((k, v.detach().contiguous().cpu()) for k, v in model.state_dict().items())
     if safe_serialization:
@@ -101,30 +169,125 @@ def save_pretrained(model, directory: str, safe_serialization: bool = True) -> N
     else:
         with atomic_path(os.path.join(directory, "pytorch_model.bin")) as tmp:
             torch.save(state, tmp)
-    model.config.save_json(os.path.join(directory, "config.json"))
+    config = model.config
+    config.save_json(os.path.join(directory, "config.json"))
+    pre = preprocessor_config(config.sample_rate, do_normalize)
+    atomic_write_json(os.path.join(directory, PREPROCESSOR_FILE), pre)
+    card = os.path.join(directory, "README.md")
+    if not os.path.exists(card):
+        hop = 1
+        for s in config.conv_stride:
+            hop *= s
+        pre_ln = ("\nThis is a pre-LN model (`do_stable_layer_norm`). As in MERT's own code, the last hidden state is "
+                  "layer-normed; `transformers` >= 5 returns it un-normed, `MERTModel` normed.\n"
+                  if config.do_stable_layer_norm else "")
+        atomic_write_text(card, _MODEL_CARD.format(
+            name=os.path.basename(os.path.abspath(directory)), layers=config.num_hidden_layers,
+            hidden=config.hidden_size, rate=config.sample_rate, fps=config.sample_rate / hop,
+            states=config.num_hidden_layers + 1, norm=pre["do_normalize"], pre_ln=pre_ln))
+
+
+# Weight files tried in order, as transformers does: safetensors first, then torch pickles
+# (loaded with weights_only=True). A repo's other files (the fairseq .pt, remote code) are never fetched.
+_HUB_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def resolve_hub_model(repo_id: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                      local_files_only: bool = False, token: Union[None, bool, str] = None,
+                      force_download: bool = False) -> str:
+    """Snapshot folder of hub model ``repo_id`` holding ``config.json`` and its weights.
+
+    Resolution is ``huggingface_hub``'s own (``hf_hub_download``), as in
+    ``transformers``' ``from_pretrained``: the files are downloaded into the HF cache
+    (``cache_dir``, default ``$HF_HUB_CACHE`` or ``$HF_HOME/hub``) when the hub can be
+    reached and are read from the cache when it cannot, when ``HF_HUB_OFFLINE=1`` is
+    set or with ``local_files_only=True``. ``revision`` is a branch, tag or commit
+    (default ``main``). Only ``config.json``, the first weight file found in the order
+    ``model.safetensors``, its ``.index.json``, ``pytorch_model.bin``, its ``.index.json``
+    (plus the shards an index names) are fetched, at the commit ``config.json`` resolved to. Raises :class:`CheckpointError` with the reason and what to do.
+    """
+    try:
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError:  # pragma: no cover - huggingface_hub is a declared dependency
+        raise CheckpointError(f"{repo_id}: loading a hub id needs huggingface_hub (pip install huggingface_hub), "
+                              f"or pass a local folder") from None
+    offline = bool(local_files_only or constants.is_offline_mode())
+    if force_download and offline:
+        raise CheckpointError(f"{repo_id}: force_download (s3prl's -r) needs the hub, but "
+                              f"{'HF_HUB_OFFLINE is set' if constants.is_offline_mode() else 'local_files_only=True'}")
+    where = cache_dir or constants.HF_HUB_CACHE
+    rev = revision or "main"
+
+    def fetch(filename: str, rev: Optional[str]) -> str:
+        return hf_hub_download(repo_id, filename, revision=rev, cache_dir=cache_dir, token=token,
+                               local_files_only=offline, force_download=force_download,
+                               library_name="mert-plugin")
+
+    def not_cached(what: str) -> CheckpointError:
+        how = ("HF_HUB_OFFLINE is set" if constants.is_offline_mode() else
+               "local_files_only=True" if local_files_only else "the hub could not be reached")
+        return CheckpointError(
+            f"{repo_id} (revision {rev}): {what} is not in the Hugging Face cache {where} and {how}. "
+            f"Download it where there is network (`hf download {repo_id}`) and copy the cache "
+            f"(models--{repo_id.replace('/', '--')}/), or pass a local folder holding config.json + "
+            f"model.safetensors/pytorch_model.bin, or the fairseq .pt file.")
+
+    try:
+        config = fetch("config.json", revision)
+    except (GatedRepoError, RepositoryNotFoundError) as exc:
+        raise CheckpointError(f"{repo_id}: no such model on the hub, or it is private/gated and needs a token "
+                              f"(HF_TOKEN or token=...) [{type(exc).__name__}]") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id}: no revision {rev!r} on the hub") from None
+    except LocalEntryNotFoundError:
+        raise not_cached("config.json") from None
+    except EntryNotFoundError:
+        raise CheckpointError(f"{repo_id} (revision {rev}): the repo has no config.json; not a model folder") from None
+    except (OSError, ValueError) as exc:  # network or cache trouble not covered above
+        raise CheckpointError(f"{repo_id}: cannot resolve on the hub ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    folder = os.path.dirname(config)
+    # As transformers does, the other files are fetched at the commit that config.json resolved to
+    # (the snapshot folder's name): one consistent revision, and a cached file needs no hub call.
+    commit = os.path.basename(folder)
+    names = [n for n in _HUB_WEIGHTS if not force_download and isinstance(
+        try_to_load_from_cache(repo_id, n, cache_dir=cache_dir, revision=commit), str)] or list(_HUB_WEIGHTS)
+    missing_locally = False
+    for name in names:
+        try:
+            weights = fetch(name, commit)
+        except LocalEntryNotFoundError:
+            missing_locally = True  # offline or unreachable: another spelling may be cached
+            continue
+        except EntryNotFoundError:
+            continue  # the repo has no such file: try the next spelling
+        if name.endswith(".index.json"):
+            for shard in _index_shards(weights):
+                fetch(shard, commit)
+        return folder
+    if missing_locally:
+        raise not_cached("no weight file (model.safetensors or pytorch_model.bin)")
+    raise CheckpointError(f"{repo_id} (revision {rev}): the repo holds no model.safetensors or pytorch_model.bin "
+                          f"(a fairseq .pt can be downloaded and passed as a file)")
+
+
+def _index_shards(index_file: str) -> List[str]:
+    with open(index_file, encoding="utf-8") as f:
+        weight_map = json.load(f).get("weight_map", {})
+    shards = sorted(set(weight_map.values()))
+    bad = [s for s in shards if not isinstance(s, str) or os.path.basename(s) != s]
+    if bad:
+        raise CheckpointError(f"{index_file}: shard name {bad[0]!r} points outside the folder")
+    return shards
 
 
 def resolve_hf_cache(repo_id: str, revision: str = "main") -> str:
-    """Folder of ``repo_id`` in the local HF cache; :class:`CheckpointError` if absent."""
-    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
-    repo_dir = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
-    snapshots = os.path.join(repo_dir, "snapshots")
-    ref = os.path.join(repo_dir, "refs", revision)
-    commit = None
-    if os.path.isfile(ref):
-        with open(ref) as f:
-            commit = f.read().strip()
-    elif os.path.isdir(snapshots) and len(os.listdir(snapshots)) == 1:
-        commit = os.listdir(snapshots)[0]
-    folder = os.path.join(snapshots, commit) if commit else None
-    if folder and os.path.isfile(os.path.join(folder, "config.json")):
-        return folder
-    raise CheckpointError(
-        f"{repo_id} is not in the local Hugging Face cache (looked for config.json and model weights "
-        f"under {repo_dir}/snapshots/). This package never downloads: fetch it where there is network "
-        f"(`huggingface-cli download {repo_id}`) and copy the cache, or pass a local folder holding "
-        f"config.json + model.safetensors/pytorch_model.bin, or the fairseq .pt file.")
+    """Folder of ``repo_id`` in the local HF cache only (``resolve_hub_model`` with
+    ``local_files_only=True``); :class:`CheckpointError` if absent."""
+    return resolve_hub_model(repo_id, revision=revision, local_files_only=True)
 
 
 # ------------------------------------------------------------------ HF folders

@@ -175,13 +175,19 @@ class MERTModel(nn.Module):
 
     # ------------------------------------------------------------------- I/O
     @classmethod
-    def from_pretrained(cls, path_or_id: str, strict_config: bool = True, map_location="cpu") -> "MERTModel":
-        """Load a local HF folder, a hub id already in the local HF cache, a fairseq
-        ``.pt`` checkpoint or a SpeechBrain recipe checkpoint folder. See
-        :func:`mert_plugin.checkpoint.load_checkpoint`."""
+    def from_pretrained(cls, path_or_id: str, strict_config: bool = True, map_location="cpu", *,
+                        revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                        local_files_only: bool = False, token=None, force_download: bool = False) -> "MERTModel":
+        """Load a local HF folder, a hub id (``m-a-p/MERT-v1-95M``: downloaded through
+        ``huggingface_hub`` when online, read from the HF cache otherwise or with
+        ``HF_HUB_OFFLINE=1``; ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+        ``force_download`` as in ``transformers``), a fairseq ``.pt`` checkpoint or a
+        SpeechBrain recipe checkpoint folder. See :func:`mert_plugin.checkpoint.load_checkpoint`."""
         from .checkpoint import load_checkpoint
 
-        config, state = load_checkpoint(path_or_id, strict_config=strict_config, map_location=map_location)
+        config, state = load_checkpoint(path_or_id, strict_config=strict_config, map_location=map_location,
+                                        revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                        token=token, force_download=force_download)
         model = cls(config)
         model.load_state_dict(state)
         return model.eval()
