@@ -87,6 +87,123 @@ def test_patch_hop_size_and_batch_size(graph):
     assert _predict(path, patchHopSize=48000).paramValue("patchHopSize") == 48000
 
 
+def test_batch_size_minus_one_and_zero_run_all_windows_at_once(graph):
+    """Essentia's TensorflowPredict* convention: -1 or 0 = every patch in one call."""
+    path, _ = graph
+    audio = _music(14.0, SR, seed=3)
+    one = _predict(path, batchSize=1)(audio)
+    for batch in (-1, 0):
+        algo = _predict(path, batchSize=batch)
+        calls = []
+        real_run = algo._model.run
+        algo._model.run = lambda *a, **k: calls.append(1) or real_run(*a, **k)  # count onnxruntime calls
+        assert np.array_equal(algo(audio), one)
+        assert len(calls) == 1
+
+
+def test_named_layer_outputs_select_the_same_states(graph):
+    """output='hidden_state_N' (the graph's per-layer output names) = layer N of 'hidden_states'."""
+    path, model = graph
+    audio = _music(6.0, SR, seed=4)
+    every = _predict(path, output="hidden_states")(audio)
+    assert np.array_equal(every, _predict(path, output="all")(audio))
+    for n in range(model.config.num_hidden_states):
+        assert np.array_equal(_predict(path, output=f"hidden_state_{n}")(audio), every[n])
+    assert np.array_equal(_predict(path, output="last_hidden_state")(audio), every[-1])
+    pool = essentia.Pool()
+    pool.set("audio", audio)
+    assert _predict(path, output="hidden_states")(pool).descriptorNames() == ["hidden_states"]
+    out = _predict(path, output="hidden_state_2")(pool)
+    assert out.descriptorNames() == ["hidden_state_2"]
+    assert np.array_equal(out["hidden_state_2"][0, 0], every[2])
+
+
+def test_hop_of_one_window_means_no_overlap(graph):
+    """patchHopSize = window: windows abut on the frame grid (374 frames apart), no frame is lost."""
+    path, model = graph
+    audio = _music(13.0, SR, seed=5)
+    got = _predict(path, patchHopSize=WINDOW, output="all")(audio)
+    # 374 frames = 119680 samples between starts: an overlap of 320 samples in PyTorch's planner.
+    ref = extract_features(model, torch.from_numpy(audio), overlap_seconds=(WINDOW - 374 * 320) / SR).numpy()
+    assert got.shape == ref.shape == (model.config.num_hidden_states, model.num_frames(audio.size),
+                                      model.config.hidden_size)
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_repeat_mode_fills_a_short_clip_by_repeating_it(graph):
+    """lastPatchMode='repeat' (Essentia's name): the clip tiled to one window, run unmasked, its own frames kept."""
+    path, model = graph
+    audio = _music(2.0, SR, seed=6)
+    got = _predict(path, lastPatchMode="repeat", output="all")(audio)
+    tiled = np.concatenate([audio, audio, audio])[:WINDOW]
+    with torch.no_grad():
+        ref = torch.stack(model(torch.from_numpy(tiled)[None]).hidden_states)[:, 0].numpy()
+    frames = model.num_frames(audio.size)
+    assert got.shape == (model.config.num_hidden_states, frames, model.config.hidden_size)
+    assert np.abs(got - ref[:, :frames]).max() <= 1e-4
+    exact = _predict(path, lastPatchMode="pad", output="all")(audio)
+    assert np.abs(got - exact).max() > 1e-3  # the repeated audio is context: not the unpadded result
+
+
+@pytest.mark.parametrize("extra", [0, 100, 239])
+def test_repeat_mode_on_long_input_changes_only_the_last_window(graph, extra):
+    """A long input's last window is short by < 1 hop (or full); repeat fills only that window."""
+    path, model = graph
+    n = 2 * WINDOW + 5 * 320 + extra
+    audio = _music(n / SR, SR, seed=7)[:n]
+    pad = _predict(path, output="all")(audio)
+    rep = _predict(path, output="all", lastPatchMode="repeat")(audio)
+    assert rep.shape == pad.shape == (model.config.num_hidden_states, model.num_frames(n), model.config.hidden_size)
+    from mert_plugin.extract import plan_windows
+    last = plan_windows(n, WINDOW, SR, 320, 400)[-1]
+    assert np.array_equal(rep[:, :last.keep_start], pad[:, :last.keep_start])
+    real = n - last.sample_start
+    if real >= WINDOW:
+        assert np.array_equal(rep, pad)
+    else:
+        tail = np.resize(audio[last.sample_start:], WINDOW)  # the last window, its samples repeated
+        with torch.no_grad():
+            ref = torch.stack(model(torch.from_numpy(tail)[None]).hidden_states)[:, 0].numpy()
+        keep = slice(last.keep_start - last.frame_offset, last.keep_end - last.frame_offset)
+        assert np.abs(rep[:, last.keep_start:] - ref[:, keep]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("via_accumulator", [False, True])
+def test_streaming_network_feeds_it_through_a_pool(graph, tmp_path, via_accumulator):
+    """The supported streaming route: a real essentia.streaming network stores the decoded audio in a
+    Pool (MonoLoader -> [RealAccumulator ->] pool 'audio'); OnnxPredictMERT takes that Pool. The
+    frames go back into a Pool that YamlOutput writes, as a network's PoolStorage/FileOutput would."""
+    import essentia.streaming as ess
+
+    path, model = graph
+    sf.write(tmp_path / "s.wav", _music(7.0, 44100, channels=2, seed=8), 44100)
+    pool = essentia.Pool()
+    loader = ess.MonoLoader(filename=str(tmp_path / "s.wav"), sampleRate=SR, resampleQuality=4)
+    if via_accumulator:
+        acc = ess.RealAccumulator()
+        loader.audio >> acc.data
+        acc.array >> (pool, "audio")
+    else:
+        loader.audio >> (pool, "audio")
+    essentia.run(loader)
+    standard = _monoloader(tmp_path / "s.wav")
+    assert np.array_equal(pool["audio"], standard)
+
+    out = _predict(path, output="hidden_state_2")(pool)
+    emb = out["hidden_state_2"][0, 0]
+    ref = extract_features(model, torch.from_numpy(standard), layers=[2])[0].numpy()
+    assert emb.shape == ref.shape == (model.num_frames(standard.size), model.config.hidden_size)
+    assert np.abs(emb - ref).max() <= 1e-4
+
+    frames = essentia.Pool()
+    for frame in emb:
+        frames.add("mert.hidden_state_2", frame)
+    es.YamlOutput(filename=str(tmp_path / "emb.json"), format="json")(frames)
+    import json
+    written = np.asarray(json.loads((tmp_path / "emb.json").read_text())["mert"]["hidden_state_2"])
+    assert written.shape == emb.shape and np.allclose(written, emb, rtol=1e-5, atol=1e-6)
+
+
 def test_discard_mode_never_feeds_padding(graph):
     path, model = graph
     assert _predict(path, lastPatchMode="discard")(_music(2.0, SR)).shape == (0, model.config.hidden_size)
@@ -146,10 +263,12 @@ def test_pool_without_audio_is_a_clear_error(graph):
 @pytest.mark.parametrize("params, message", [
     ({"output": "layer_9"}, "output must be"),
     ({"output": "embeddings"}, "output must be"),
-    ({"patchHopSize": 100}, "patchHopSize must be in"),
-    ({"patchHopSize": 130000}, "patchHopSize must be in"),
-    ({"batchSize": 0}, "batchSize"),
-    ({"lastPatchMode": "repeat"}, "lastPatchMode"),
+    ({"output": "hidden_state_5"}, "output must be"),
+    ({"patchHopSize": 100}, "patchHopSize must be 0 or in"),
+    ({"patchHopSize": 130000}, "patchHopSize must be 0 or in"),
+    ({"patchHopSize": -320}, "patchHopSize must be >= 0"),
+    ({"batchSize": -2}, "batchSize must be >= 1, or -1 or 0"),
+    ({"lastPatchMode": "zeros"}, "lastPatchMode must be one of \\['pad', 'repeat', 'discard'\\]"),
     ({"graphFileName": "x.onnx"}, "unknown parameter"),
 ])
 def test_bad_parameters_get_clear_errors(graph, params, message):
