@@ -46,7 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--crop", type=float, default=2.0, help="crop seconds (a batch is cut to its shortest clip)")
     ap.add_argument("--teacher", choices=["cqt-kmeans", "none"], default="cqt-kmeans")
     ap.add_argument("--clusters", type=int, default=128)
-    ap.add_argument("--cqt-target", choices=["linear", "db", "db-frame", "none"], default="db-frame")
+    ap.add_argument("--cqt-target", choices=["linear", "linear-frame", "db", "db-frame", "none"], default="db-frame")
     ap.add_argument("--feature-penalty", type=float, default=0.0, help="MERT: 10")
     ap.add_argument("--feature-grad-mult", type=float, default=1.0, help="MERT 95M: 0.1; 0 freezes the stem")
     ap.add_argument("--pred-nomask", type=float, default=0.0)

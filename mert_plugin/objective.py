@@ -38,6 +38,7 @@ from .mixture import mix_in_batch_noise
 from .model import MERTModel, conv_output_lengths
 
 LABEL_SLACK = 2  # frames a label sequence may differ from the student's T (see module docstring)
+CQT_TARGETS = ("linear", "linear-frame", "db", "db-frame")  # see MERTPretrainer.cqt_target
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ObjectiveConfig:
     # fairseq's default, kept by the reference: every clip of a batch keeps the batch's smallest masked count
     require_same_masks: bool = True
     # Deviations for small-scale runs (the reference values are the defaults), see docs/OBJECTIVE.md:
-    cqt_target: str = "linear"  # "linear" (reference) | "db" | "db-frame" (level-free, see MERTPretrainer.cqt_target)
+    cqt_target: str = "linear"  # "linear" (reference) | "linear-frame" | "db" | "db-frame" (see MERTPretrainer.cqt_target)
     pred_nomask_weight: float = 0.0  # fairseq HuBERT option; > 0 also predicts the labels of unmasked frames
     # Extras (not in the shared contract; off by default).
     attention_relax: float = 0.0  # > 0: PB-relax attention in the student (fp16 overflow guard), e.g. 32
@@ -104,8 +105,8 @@ class ObjectiveConfig:
             problems.append(f"logit_temp must be > 0, got {self.logit_temp}")
         if self.mixture_min_samples > self.mixture_max_samples or self.mixture_min_count > self.mixture_max_count:
             problems.append("mixture ranges must have min <= max")
-        if self.cqt_target not in ("linear", "db", "db-frame"):
-            problems.append(f"cqt_target must be 'linear', 'db' or 'db-frame', got {self.cqt_target!r}")
+        if self.cqt_target not in CQT_TARGETS:
+            problems.append(f"cqt_target must be one of {', '.join(CQT_TARGETS)}, got {self.cqt_target!r}")
         if self.pred_nomask_weight < 0:
             problems.append(f"pred_nomask_weight must be >= 0, got {self.pred_nomask_weight}")
         if self.attention_relax < 0:
@@ -263,12 +264,16 @@ class MERTPretrainer(nn.Module):
         ``db``: dB re each crop's loudest bin, -60 dB floor, in [0, 1] (gain-free, but a frame's
         level relative to the crop remains, and dominates the target's variance).
         ``db-frame``: dB re each frame's own loudest bin (spectral shape), silent frames 0.
-        See :func:`mert_plugin.teachers.db_spectrum`.
+        ``linear-frame``: linear magnitudes re each frame's loudest bin (level-free; the harmonic
+        peaks dominate, as in the reference's linear target), silent frames 0.
+        See :func:`mert_plugin.teachers.db_spectrum` and :func:`~mert_plugin.teachers.shape_spectrum`.
         """
-        from .teachers import db_spectrum
+        from .teachers import db_spectrum, shape_spectrum
 
         if self.config.cqt_target == "linear":
             return cqt
+        if self.config.cqt_target == "linear-frame":
+            return shape_spectrum(cqt)
         return db_spectrum(cqt, per_frame=self.config.cqt_target == "db-frame")
 
     def _prediction_loss(self, hidden: Tensor, select: Tensor, codes: Optional[Tensor], cqt: Optional[Tensor],

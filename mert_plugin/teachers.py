@@ -432,6 +432,19 @@ def db_spectrum(cqt: Tensor, per_frame: bool = False, floor_db: float = 60.0, si
     return out
 
 
+def shape_spectrum(cqt: Tensor, silence_db: float = 50.0) -> Tensor:
+    """Linear CQT magnitudes [B, T, bins] -> each frame divided by its own loudest bin, in [0, 1].
+
+    The frame's spectral shape on the reference's *linear* scale: level-free like
+    ``db_spectrum(per_frame=True)``, but the harmonic peaks (pitch) dominate it instead of the
+    spectral floor. Frames more than ``silence_db`` below the clip's loudest bin are all zeros.
+    """
+    clip_peak = cqt.amax(dim=(1, 2), keepdim=True).clamp(min=1e-8)
+    peak = cqt.amax(dim=2, keepdim=True).clamp(min=1e-8)
+    out = cqt / peak
+    return torch.where(peak > clip_peak * 10 ** (-silence_db / 20), out, torch.zeros_like(out))
+
+
 class CQTKMeansTeacher(_CentroidState, nn.Module):
     """Musical k-means codes: residual k-means over a level-free semitone spectrum.
 

@@ -142,6 +142,23 @@ def test_db_frame_target_is_the_spectral_shape_of_each_frame():
     assert torch.allclose(target[0, :9].amax(-1), torch.tensor(peak))  # every sounding frame has its peak at 1
 
 
+def test_linear_frame_target_is_each_frames_linear_shape():
+    trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), ObjectiveConfig(cqt_target="linear-frame"))
+    cqt = torch.rand(1, 20, 336) + 0.01
+    louder = cqt.clone()
+    louder[0, 3] *= 30.0  # one frame louder: the same shape
+    cqt[0, 9] = 1e-6 * torch.rand(336)  # ~120 dB below the clip: silence
+    louder[0, 9] = cqt[0, 9]
+    target, target_louder = trainer.cqt_target(cqt), trainer.cqt_target(louder)
+    torch.testing.assert_close(target[0, 3], target_louder[0, 3])
+    assert (target[0, 9] == 0).all() and (target_louder[0, 9] == 0).all()
+    assert torch.equal(target[0, :9].amax(-1), torch.ones(9))  # every sounding frame peaks at exactly 1
+    # linear, not dB: a bin at half the frame's peak is 0.5 (in dB-frame it would be ~0.9)
+    frame = torch.full((1, 1, 336), 0.5)
+    frame[0, 0, 7] = 1.0
+    assert float(trainer.cqt_target(frame)[0, 0, 0]) == pytest.approx(0.5)
+
+
 def test_pred_nomask_weight_adds_the_visible_frames_loss():
     wav = torch.randn(2, 16000) * 0.1
     t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
