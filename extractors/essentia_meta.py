@@ -124,13 +124,13 @@ def state_description(index: int, num_hidden_layers: int, pre_ln: bool) -> str:
             + (" (pre-LN residual stream: not layer-normed, its scale grows with depth)" if pre_ln else ""))
 
 
-def output_schema(num_hidden_layers: int, frames: int, dim: int, pre_ln: bool, embedding_layer: int,
+def output_schema(num_hidden_layers: int, frames, dim: int, pre_ln: bool, embedding_layer: int,
                   ops: Optional[Dict[str, str]] = None, batch: str = "batch_size") -> List[Dict[str, Any]]:
     """``schema.outputs``: name, type, shape, op, description, output_purpose for every graph output."""
     ops = ops or {}
     states = num_hidden_layers + 1
-    frame_note = (f"{frames} frames per window; frame t covers input samples 320 t .. 320 t + 399 "
-                  "(75 frames/s at 24 kHz)")
+    per_window = f"{frames} frames per window" if isinstance(frames, int) else "one frame per 320 input samples"
+    frame_note = f"{per_window}; frame t covers input samples 320 t .. 320 t + 399 (75 frames/s at 24 kHz, 50 at 16 kHz)"
 
     def entry(name, shape, description, purpose=""):
         return {"name": name, "type": "float", "shape": shape, "op": ops.get(name, ""),

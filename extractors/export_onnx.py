@@ -7,6 +7,10 @@ returns
 
 * ``last_hidden_state`` [batch, T_w, D]
 * ``hidden_states``     [batch, L+1, T_w, D] (all hidden states, stacked)
+* ``hidden_state_0`` ... ``hidden_state_L`` [batch, T_w, D] (one per hidden
+  state, so that Essentia's C++ ``OnnxPredict`` can ask for a layer by name;
+  the JSON marks a middle one, :func:`extractors.essentia_meta.recommended_layer`,
+  with ``output_purpose: "embeddings"``)
 
 with only the batch axis dynamic, as Essentia's ``OnnxPredict`` requires
 (every non-batch output dim static). It is exported with the dynamo-based
@@ -54,6 +58,8 @@ from mert_plugin.atomic import json_text, pending_file, remove_stale_temporaries
 from mert_plugin.errors import MERTError, run_cli
 from mert_plugin.model import MERTModel, conv_output_lengths
 
+from .essentia_meta import (layer_output_name, onnxpredict_call, output_schema, provenance_fields,
+                            recommended_layer)
 from .onnx_model import INPUT_LENGTHS, INPUT_NAME, OUTPUT_ALL, OUTPUT_LAST, PROP_PREFIX, metadata_path
 
 DEFAULT_TOLERANCE = 1e-4
@@ -85,6 +91,7 @@ class ExportWrapper(nn.Module):
     GroupNorm and attention would see the zeros). With ``num_samples = W`` this
     is exactly ``model(audio)``. This is ``ConvFeatureExtractor`` with a
     length-masked first GroupNorm; everything else is the model's own modules.
+    The states are also returned one by one (the graph's ``hidden_state_N`` outputs).
     """
 
     def __init__(self, model: MERTModel):
@@ -107,7 +114,7 @@ class ExportWrapper(nn.Module):
         frames = torch.arange(hidden.shape[1], device=hidden.device)
         frame_mask = frames[None, :] < conv_output_lengths(lengths, cfg)[:, None]  # [B, T]
         states = self.model.encoder(hidden, frame_mask)
-        return states[-1], torch.stack(states, dim=1)
+        return (states[-1], torch.stack(states, dim=1)) + tuple(states)
 
 
 def _masked_group_norm(x: Tensor, norm: nn.GroupNorm, valid: Tensor) -> Tensor:
@@ -167,19 +174,22 @@ def check_parity(model: MERTModel, graph_path: str, window: int, num_threads: in
     (``dynamic``: also an unpadded input of another length, and a padded batch of it).
     """
     session = _session(graph_path, num_threads)
-    worst = {OUTPUT_LAST: 0.0, OUTPUT_ALL: 0.0}
+    layer_names = [layer_output_name(i) for i in range(model.config.num_hidden_states)]
+    worst = {OUTPUT_LAST: 0.0, OUTPUT_ALL: 0.0, "hidden_state_N": 0.0}
     for signals, lengths in _parity_cases(model, window, dynamic):
         feed = {INPUT_NAME: np.stack(signals)}
         if lengths is not None:
             feed[INPUT_LENGTHS] = np.asarray(lengths, dtype=np.float32)
-        got_last, got_all = session.run([OUTPUT_LAST, OUTPUT_ALL], feed)
+        got_last, got_all, *got_layers = session.run([OUTPUT_LAST, OUTPUT_ALL] + layer_names, feed)
         for b, x in enumerate(signals):
             n = x.shape[0] if lengths is None else lengths[b]
             with torch.inference_mode():
                 out = model(torch.from_numpy(x[:n])[None])
             ref_last, ref_all = out.last_hidden_state[0].numpy(), torch.stack(out.hidden_states, 1)[0].numpy()
             t = ref_last.shape[0]
-            for name, got, ref in ((OUTPUT_LAST, got_last[b, :t], ref_last), (OUTPUT_ALL, got_all[b, :, :t], ref_all)):
+            pairs = [(OUTPUT_LAST, got_last[b, :t], ref_last), (OUTPUT_ALL, got_all[b, :, :t], ref_all)]
+            pairs += [("hidden_state_N", got[b, :t], ref_all[i]) for i, got in enumerate(got_layers)]
+            for name, got, ref in pairs:
                 if got.shape != ref.shape:
                     raise ParityError(f"onnxruntime returned {name} shaped {list(got.shape)}, "
                                       f"PyTorch {list(ref.shape)}")
@@ -251,8 +261,14 @@ def quantize_graph(src: str, dst: str, mode: str) -> None:
 def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tolerance: float = DEFAULT_TOLERANCE,
                 name: Optional[str] = None, description: Optional[str] = None,
                 weights_license: Optional[str] = None, source: Optional[str] = None,
-                verbose: bool = False, length: str = "fixed", quantize: Optional[str] = None) -> Dict:
+                verbose: bool = False, length: str = "fixed", quantize: Optional[str] = None,
+                embedding_layer: Optional[int] = None, author: Optional[str] = None, email: Optional[str] = None,
+                link: Optional[str] = None, dataset: Optional[str] = None) -> Dict:
     """Export ``model`` to ``output`` (``.onnx``) and ``output``'s ``.json``; return the metadata.
+
+    ``embedding_layer`` (default :func:`recommended_layer`) is the hidden state the
+    JSON marks for transfer; ``author``, ``email``, ``link`` and ``dataset`` override
+    what :func:`extractors.essentia_meta.provenance_fields` derives from ``source``.
 
     Raises :class:`ParityError` (and writes nothing) if onnxruntime and PyTorch
     differ by more than ``tolerance`` (or, with ``quantize``, if the quantised graph
@@ -264,6 +280,9 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
     if quantize is not None and quantize not in QUANTIZE_MIN_COSINE:
         raise MERTError(f"quantize must be one of {sorted(QUANTIZE_MIN_COSINE)}, got {quantize!r}")
     dynamic = length == "dynamic"
+    if embedding_layer is not None and not 0 <= int(embedding_layer) < model.config.num_hidden_states:
+        raise MERTError(f"embedding layer {embedding_layer} out of range: the model has hidden states "
+                        f"0..{model.config.num_hidden_states - 1}")
     output = os.fspath(output)
     if not output.endswith(".onnx"):
         raise MERTError(f"{output}: the output file name must end in .onnx")
@@ -306,7 +325,9 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
             _set_graph_props(graph.path, {"precision": quantize})
         meta = build_metadata(model, output, window, diffs, tolerance, name=name, description=description,
                               weights_license=weights_license, source=source, output_ops=output_ops,
-                              length=length, precision=quantize or "fp32", accuracy=accuracy)
+                              length=length, precision=quantize or "fp32", accuracy=accuracy,
+                              embedding_layer=embedding_layer, author=author, email=email, link=link,
+                              dataset=dataset)
         with open(graph_json.path, "w", encoding="utf-8") as f:
             f.write(json_text(meta, sort_keys=False))  # MTG's field order
         # Order matters for a kill between the renames: never pair a new graph with old metadata.
@@ -359,7 +380,8 @@ def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: 
         try:
             program = torch.onnx.export(wrapper, (example, lengths), dynamo=True,
                                         input_names=[INPUT_NAME, INPUT_LENGTHS],
-                                        output_names=[OUTPUT_LAST, OUTPUT_ALL],
+                                        output_names=[OUTPUT_LAST, OUTPUT_ALL] + [
+                                            layer_output_name(i) for i in range(cfg.num_hidden_states)],
                                         dynamic_shapes={"audio": audio_dims, "num_samples": {0: batch}},
                                         verbose=verbose)
         except ModuleNotFoundError as exc:
@@ -421,8 +443,15 @@ def build_metadata(model: MERTModel, output: str, window: int, diffs: Dict[str, 
                    name: Optional[str] = None, description: Optional[str] = None,
                    weights_license: Optional[str] = None, source: Optional[str] = None,
                    output_ops: Optional[Dict[str, str]] = None, length: str = "fixed", precision: str = "fp32",
-                   accuracy: Optional[Dict] = None) -> Dict:
+                   accuracy: Optional[Dict] = None, embedding_layer: Optional[int] = None,
+                   author: Optional[str] = None, email: Optional[str] = None, link: Optional[str] = None,
+                   dataset: Optional[str] = None) -> Dict:
     """Essentia model metadata (the fields of MTG's ``*.json`` files) for the exported graph.
+
+    Every output in ``schema.outputs`` has a description; the recommended hidden
+    state (``embedding_layer``, default a middle layer) has ``output_purpose:
+    "embeddings"``. ``inference.onnxpredict`` says what a user of Essentia's C++
+    ``OnnxPredict`` calls instead of ``OnnxPredictMERT``.
 
     A dynamic-length graph has ``"num_samples"`` / ``"frames"`` as its non-batch input and
     frame dims and no fixed window (``inference.window_samples`` is null)."""
@@ -454,21 +483,31 @@ def build_metadata(model: MERTModel, output: str, window: int, diffs: Dict[str, 
     }
     if accuracy is not None:  # the quantised graph's own gate (parity_* is that of the fp32 graph it came from)
         export_block["accuracy_vs_fp32"] = accuracy
+    k = recommended_layer(cfg.num_hidden_layers) if embedding_layer is None else int(embedding_layer)
+    provenance = provenance_fields(source, MERT_CITATION, author=author, email=email, link=link, dataset=dataset)
+    onnxpredict = ({"algorithm": "OnnxPredict", "usable": False,
+                    "notes": "a dynamic-length graph has no static output shapes, which OnnxPredict needs; "
+                             "export with --length fixed"} if dynamic else
+                   onnxpredict_call(output, window, frames, dim, k))
     return {
         "name": name or stem,
         "type": "audio embedding extractor (self-supervised music encoder)",
-        "link": "",
+        "link": provenance["link"],
         "version": "1",
         "description": description or (
             f"MERT encoder ({cfg.num_hidden_layers} layers x {dim}) from {source}, exported for {shape_text} "
-            f"({cfg.frame_rate:g} frames/s). Outputs: last_hidden_state and all {states} hidden "
-            "states. Longer audio is cut into windows overlapping by 1 s (patchHopSize) and stitched." + compute),
-        "author": "",
-        "email": "",
+            f"({cfg.frame_rate:g} frames/s). Outputs: hidden_state_0 .. hidden_state_{states - 1} "
+            f"(hidden_state_{k}, a middle layer, is the recommended embedding), last_hidden_state, and all "
+            f"{states} stacked as hidden_states. Longer audio is cut into windows overlapping by 1 s "
+            "(patchHopSize) and stitched." + compute),
+        "author": provenance["author"],
+        "email": provenance["email"],
         "release_date": datetime.date.today().isoformat(),
         "framework": "onnx",
         "framework_version": onnx.__version__,
+        "classes": provenance["classes"],
         "model_types": ["onnx"],
+        "dataset": provenance["dataset"],
         "weights_license": weights_license or default_weights_license(source),
         "citation": MERT_CITATION,
         "schema": {
@@ -479,12 +518,7 @@ def build_metadata(model: MERTModel, output: str, window: int, diffs: Dict[str, 
                  "description": "real samples per window (the rest is padding and is masked out); "
                                 "leave unset for full windows"},
             ],
-            "outputs": [
-                {"name": OUTPUT_LAST, "type": "float", "shape": ["batch_size", t_len, dim],
-                 "op": ops.get(OUTPUT_LAST, ""), "output_purpose": "embeddings"},
-                {"name": OUTPUT_ALL, "type": "float", "shape": ["batch_size", states, t_len, dim],
-                 "op": ops.get(OUTPUT_ALL, ""), "output_purpose": ""},
-            ],
+            "outputs": output_schema(cfg.num_hidden_layers, t_len, dim, cfg.do_stable_layer_norm, k, ops),
         },
         "inference": {
             "sample_rate": cfg.sample_rate,
@@ -497,6 +531,8 @@ def build_metadata(model: MERTModel, output: str, window: int, diffs: Dict[str, 
             "patch_hop_size": None if dynamic else window - cfg.sample_rate,
             "num_hidden_states": states,
             "hidden_size": dim,
+            "embedding_output": layer_output_name(k),
+            "onnxpredict": onnxpredict,
         },
         "export": export_block,
         "mert_config": cfg.to_dict(),
@@ -535,6 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name in the metadata (default: the output file stem)")
     p.add_argument("--description", help="description in the metadata")
     p.add_argument("--weights-license", help="licence of the weights, recorded in the metadata")
+    p.add_argument("--embedding-layer", type=int,
+                   help="hidden state marked as the embedding output in the metadata (default: a middle layer, "
+                        "6 for MERT's 12- and 24-layer models)")
+    p.add_argument("--author", help="author in the metadata (default: m-a-p for MERT releases, else 'unknown')")
+    p.add_argument("--email", help="contact e-mail in the metadata")
+    p.add_argument("--link", help="link in the metadata (default: the release's model page, else the MERT paper)")
+    p.add_argument("--dataset", help="name of the training data in the metadata (default: from the source)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--verbose", action="store_true", help="show the exporter's own progress messages")
     return p
@@ -557,7 +600,9 @@ def _run(args) -> int:
     print(f"exporting {source} -> {args.output} ...", file=sys.stderr)
     meta = export_onnx(model, args.output, window_seconds=args.window_seconds, name=args.name,
                        description=args.description, weights_license=args.weights_license, source=source,
-                       verbose=args.verbose, length=args.length, quantize=args.quantize)
+                       verbose=args.verbose, length=args.length, quantize=args.quantize,
+                       embedding_layer=args.embedding_layer, author=args.author, email=args.email,
+                       link=args.link, dataset=args.dataset)
     diff = max(meta["export"]["parity_max_abs_diff"].values())
     accuracy = meta["export"].get("accuracy_vs_fp32")
     if accuracy is not None:

@@ -60,6 +60,8 @@ def test_graph_has_fixed_window_and_dynamic_batch(exported):
     dim, states = model.config.hidden_size, model.config.num_hidden_states
     assert outs["last_hidden_state"][1:] == [FRAMES, dim]
     assert outs["hidden_states"][1:] == [states, FRAMES, dim]
+    for i in range(states):  # one output per hidden state, for OnnxPredict users who ask by name
+        assert outs[f"hidden_state_{i}"][1:] == [FRAMES, dim]
     assert all(isinstance(o[0], str) for o in outs.values())  # batch is symbolic
     # The optional lengths input carries a default, so callers may feed audio alone.
     sess = _session(path)
@@ -74,15 +76,22 @@ def test_graph_has_fixed_window_and_dynamic_batch(exported):
 def test_metadata_follows_essentia_format(exported):
     path, model = exported
     meta = json.loads(open(metadata_path(str(path))).read())
-    for key in ("name", "type", "version", "description", "framework", "framework_version", "model_types",
-                "schema", "inference", "citation", "weights_license"):
+    for key in ("name", "type", "link", "version", "description", "author", "release_date", "framework",
+                "framework_version", "model_types", "dataset", "schema", "inference", "citation", "weights_license"):
         assert meta[key], key
+    assert meta["classes"] == []  # as Essentia's embedding models
+    assert set(meta["dataset"]) == {"name", "citation", "size", "metrics"} and "random" in meta["dataset"]["name"]
     assert meta["framework"] == "onnx" and meta["model_types"] == ["onnx"]
     assert meta["framework_version"] == onnx.__version__
     assert meta["schema"]["inputs"][0] == {"name": "audio", "type": "float", "shape": ["batch_size", WINDOW]}
     outs = {o["name"]: o for o in meta["schema"]["outputs"]}
     assert outs["last_hidden_state"]["shape"] == ["batch_size", FRAMES, model.config.hidden_size]
-    assert outs["last_hidden_state"]["output_purpose"] == "embeddings"
+    for o in meta["schema"]["outputs"]:
+        assert set(o) >= {"name", "type", "shape", "description", "output_purpose"} and o["description"], o
+    # A middle layer is the recommended embedding (mert-tiny: 4 layers -> hidden state 2), not the last one.
+    assert [o["name"] for o in meta["schema"]["outputs"] if o["output_purpose"] == "embeddings"] == ["hidden_state_2"]
+    assert meta["inference"]["embedding_output"] == "hidden_state_2"
+    assert outs["hidden_state_2"]["shape"] == ["batch_size", FRAMES, model.config.hidden_size]
     assert outs["hidden_states"]["shape"] == ["batch_size", model.config.num_hidden_states, FRAMES,
                                               model.config.hidden_size]
     assert meta["inference"]["sample_rate"] == 24000
@@ -100,7 +109,10 @@ def test_onnxruntime_matches_pytorch_on_new_inputs(exported):
     t = np.arange(WINDOW) / 24000
     sweep = 0.4 * np.sin(2 * np.pi * (100 + 400 * t) * t)
     batch = np.stack([sweep, 0.05 * rng.standard_normal(WINDOW), np.zeros(WINDOW)]).astype(np.float32)
-    last, all_states = sess.run(None, {"audio": batch})
+    last, all_states, *layers = sess.run(None, {"audio": batch})
+    assert len(layers) == model.config.num_hidden_states
+    for i, layer in enumerate(layers):
+        assert np.array_equal(layer, all_states[:, i])
     with torch.no_grad():
         ref = model(torch.from_numpy(batch))
     assert np.abs(last - ref.last_hidden_state.numpy()).max() <= 1e-4
@@ -110,7 +122,7 @@ def test_onnxruntime_matches_pytorch_on_new_inputs(exported):
     padded = batch.copy()
     for b, n in enumerate(lengths.astype(int)):
         padded[b, n:] = 0.0
-    _, all_states = sess.run(None, {"audio": padded, "num_samples": lengths})
+    all_states = sess.run(["hidden_states"], {"audio": padded, "num_samples": lengths})[0]
     for b, n in enumerate(lengths.astype(int)):
         with torch.no_grad():
             ref = torch.stack(model(torch.from_numpy(batch[b:b + 1, :n])).hidden_states, 1)[0].numpy()
