@@ -5,6 +5,8 @@
     mert-extract music/ "extra/*.flac" --model MERT-v1-95M --output-dir feats/
     mert-extract music/ --model mert95m.onnx --output-dir feats/ --layers 6,12 --pooling mean
     mert-extract music/ --model MERT-v1-95M --output-dir feats/ --shard 3/16   # job array task 3 of 16
+    mert-extract music/ --model MERT-v1-95M --output-dir feats/ --device cuda --precision bf16
+    torchrun --nproc_per_node=8 -m extractors.cli music/ --model MERT-v1-95M --output-dir feats/  # 8 GPUs
 
 Outputs mirror the input folders (``music/a/b.wav`` -> ``feats/a/b.npy``):
 [L, T, D] float32 per input (``--pooling mean``: [L, D]), L = the selected hidden
@@ -14,8 +16,10 @@ settings.
 
 Guarantees: long tracks are decoded in blocks and encoded in windows
 (:func:`mert_plugin.extract.plan_windows`), so memory does not grow with
-length; the next inputs are decoded in a background thread while the model
-runs; each output is written under a temporary name and renamed when complete;
+length; windows of many inputs share a model call (``--batch-seconds`` of
+audio, similar lengths together, padding masked out), and the next inputs are
+decoded in a background thread while the model runs; under ``torchrun`` each
+process takes the shard RANK of WORLD_SIZE on its own device (cuda:LOCAL_RANK); each output is written under a temporary name and renamed when complete;
 a rerun skips finished outputs without touching them (resume after a kill);
 a broken input is reported by name and reason, nothing is written for it, and
 the rest go on. Exit status: 0 all inputs done, 1 some failed, 2 bad usage
@@ -39,40 +43,108 @@ from mert_plugin.audio import find_audio_files
 from mert_plugin.errors import AudioError, MERTError, run_cli
 from mert_plugin.extract import Window
 
-from .onnx_model import OUTPUT_ALL, OUTPUT_LAST, OnnxMERT, fill_window, normalise_layers
+from .onnx_model import (DEFAULT_DYNAMIC_WINDOW_SECONDS, OUTPUT_ALL, OUTPUT_LAST, OnnxMERT, fill_window,
+                         normalise_layers)
 from .outputs import FeatureWriter, Manifest, check_settings, npy_shape
 from .stream import StreamWindower, decode_stream
 
 SETTINGS_FILE = "mert-extract.json"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_WINDOW_SECONDS = DEFAULT_DYNAMIC_WINDOW_SECONDS  # torch and dynamic-length graphs (fixed graphs: theirs)
+DEFAULT_BATCH_SECONDS = {"cpu": 30.0, "cuda": 600.0}  # audio per model call
+SHORT_RATIO = 0.75  # a window joins a sub-batch only if at least this share of its longest (little padding)
 
 
 # ------------------------------------------------------------------ backends
+def padded_forward(model, audio, lengths, num_layers: Optional[int] = None):
+    """Hidden states of a zero-padded batch ``audio`` [B, N] with ``lengths`` [B] real samples:
+    the first ``num_frames(lengths[b])`` frames of row b equal ``model(audio[b, :lengths[b]])``.
+
+    The padding is masked as in the exported graph (:class:`extractors.export_onnx.ExportWrapper`):
+    conv 0's GroupNorm takes its statistics over the real samples only (in float32, also under
+    autocast), padded frames are zeroed before the positional conv and are never attention keys.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from mert_plugin.model import conv_output_lengths
+
+    from .export_onnx import _masked_group_norm
+
+    cfg = model.config
+    layers = model.feature_extractor.conv_layers
+    x = layers[0].conv(audio.unsqueeze(1))
+    if layers[0].layer_norm is not None:
+        valid = torch.div(lengths - cfg.conv_kernel[0], cfg.conv_stride[0], rounding_mode="floor") + 1
+        x = _masked_group_norm(x.float(), layers[0].layer_norm, valid)
+    x = F.gelu(x)
+    for layer in layers[1:]:
+        x = layer(x)
+    hidden = model.feature_projection(x.transpose(1, 2))
+    frame_mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < conv_output_lengths(lengths, cfg)[:, None]
+    return model.encoder(hidden, frame_mask, num_layers)
+
+
 class TorchBackend:
-    """PyTorch ``MERTModel``: windows of equal length -> [B, L_sel, t, D]."""
+    """PyTorch ``MERTModel`` on ``device``: windows of any lengths -> [B, L_sel, t_max, D] float32.
+
+    Windows of equal length run as a plain batch (exactly ``model(batch)``); mixed lengths are
+    zero-padded and masked (:func:`padded_forward`). ``precision`` bf16/fp16 runs under
+    ``torch.autocast``; the states come back as float32.
+    """
 
     name = "torch"
 
-    def __init__(self, model, layers: List[int], window: int, overlap: int):
-        self.model = model.eval()
+    def __init__(self, model, layers: List[int], window: int, overlap: int, device: str = "cpu",
+                 precision: str = "fp32"):
+        import torch
+
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         cfg = model.config
         self.sample_rate, self.hop, self.rf = cfg.sample_rate, cfg.hop_length, cfg.receptive_field
         self.num_states, self.dim = cfg.num_hidden_states, cfg.hidden_size
         self.layers, self.window, self.overlap = layers, window, overlap
+        self.precision = precision
+        self._autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
-    def can_batch(self, a: np.ndarray, b: np.ndarray) -> bool:
-        return a.shape[0] == b.shape[0]  # no padding: it would change conv-0 GroupNorm statistics
+    def cost(self, length: int) -> int:
+        """Samples one window of ``length`` costs in a batch (before padding to its longest)."""
+        return length
 
     def encode(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        import contextlib
+
         import torch
 
-        with torch.inference_mode():
-            states = self.model(torch.from_numpy(np.stack(windows)), num_layers=max(self.layers)).hidden_states
-            return torch.stack([states[i] for i in self.layers], dim=1).numpy()
+        lengths = [x.shape[0] for x in windows]
+        width = max(lengths)
+        if min(lengths) == width:
+            batch = torch.from_numpy(np.stack(windows))
+        else:
+            batch = torch.zeros(len(windows), width)
+            for b, x in enumerate(windows):
+                batch[b, :x.shape[0]] = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        amp = torch.autocast(self.device.type, dtype=self._autocast) if self._autocast is not None \
+            else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            if min(lengths) == width:
+                states = self.model(batch, num_layers=max(self.layers)).hidden_states
+            else:
+                lens = torch.tensor(lengths, device=self.device)
+                states = padded_forward(self.model, batch, lens, max(self.layers))
+            return torch.stack([states[i] for i in self.layers], dim=1).float().cpu().numpy()
 
 
 class OnnxBackend:
-    """Fixed-window ONNX graph: any windows -> [B, L_sel, T_w, D] (short ones padded and masked)."""
+    """ONNX graph: any windows -> [B, L_sel, T, D] (short ones padded and masked).
+
+    A fixed-window graph pads every window to its window; a dynamic-length one pads a
+    batch to its longest window only (:meth:`OnnxMERT.run` trims the rest).
+    """
 
     name = "onnx"
 
@@ -82,9 +154,10 @@ class OnnxBackend:
         self.sample_rate, self.hop, self.rf = info.sample_rate, info.hop_length, info.receptive_field
         self.num_states, self.dim = info.num_hidden_states, info.hidden_size
         self.layers, self.window, self.overlap = layers, info.window, overlap
+        self.precision, self.device = info.precision, graph.device
 
-    def can_batch(self, a: np.ndarray, b: np.ndarray) -> bool:
-        return True
+    def cost(self, length: int) -> int:
+        return length if self.graph.info.dynamic else self.window
 
     def encode(self, windows: Sequence[np.ndarray]) -> np.ndarray:
         batch = np.stack([fill_window(x, Window(0, x.shape[0], 0, 0, 0), self.window) for x in windows])
@@ -141,9 +214,12 @@ class Extractor:
     """Runs the decode thread and the model loop over a list of jobs."""
 
     def __init__(self, backend, out_dir: str, manifest: Manifest, pooling: str, dtype, batch_size: int,
-                 progress):
+                 progress, batch_samples: Optional[int] = None):
         self.backend, self.out_dir, self.manifest = backend, out_dir, manifest
         self.pooling, self.dtype, self.batch_size, self.progress = pooling, dtype, max(1, batch_size), progress
+        # Audio per model call (padded); at least one window. None: batch_size windows decide alone.
+        self.batch_samples = None if batch_samples is None else max(int(batch_samples), 1)
+        self._pending_cost = 0
         self.failed = 0
         self.written = 0
         self._pending: List[tuple] = []
@@ -227,26 +303,49 @@ class Extractor:
 
     # -- model loop
     def _add_window(self, job: Job, w: Window, x: np.ndarray) -> None:
-        if self._pending and not self.backend.can_batch(self._pending[0][2], x):
+        cost = self.backend.cost(x.shape[0])
+        if self._pending and self.batch_samples is not None and self._pending_cost + cost > self.batch_samples:
             self._flush()
         self._pending.append((job, w, x))
+        self._pending_cost += cost
         job.pending += 1
         if len(self._pending) >= self.batch_size:
             self._flush()
 
+    def sub_batches(self, lengths: Sequence[int]) -> List[List[int]]:
+        """Indices of the pending windows grouped into model calls: longest first, a window
+        joining a call only if it is at least SHORT_RATIO of the call's longest (little padding)
+        and the padded call stays within the batch budget."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        groups: List[List[int]] = []
+        for i in order:
+            g = groups[-1] if groups else None
+            if g is not None:
+                longest = self.backend.cost(lengths[g[0]])
+                fits = self.batch_samples is None or (len(g) + 1) * longest <= self.batch_samples
+                if fits and len(g) < self.batch_size and self.backend.cost(lengths[i]) >= SHORT_RATIO * longest:
+                    g.append(i)
+                    continue
+            groups.append([i])
+        return groups
+
     def _flush(self) -> None:
-        batch, self._pending = self._pending, []
+        batch, self._pending, self._pending_cost = self._pending, [], 0
         if not batch:
             return
-        try:
-            states = self.backend.encode([x for _, _, x in batch])
-        except MERTError as exc:
-            reason = str(exc)
-        except Exception as exc:  # e.g. out of memory in the runtime: fail these inputs, keep going
-            reason = f"inference failed: {type(exc).__name__}: {exc}"
-        else:
-            reason = None
-        for b, (job, w, _) in enumerate(batch):
+        results: List[tuple] = [None] * len(batch)  # (states [L, t, D] or None, reason)
+        for group in self.sub_batches([x.shape[0] for _, _, x in batch]):
+            try:
+                states = self.backend.encode([batch[i][2] for i in group])
+            except MERTError as exc:
+                reason = str(exc)
+            except Exception as exc:  # e.g. out of memory in the runtime: fail these inputs, keep going
+                reason = f"inference failed: {type(exc).__name__}: {exc}"
+            else:
+                reason = None
+            for b, i in enumerate(group):
+                results[i] = (None if reason else states[b], reason)
+        for (job, w, _), (states, reason) in zip(batch, results):  # in arrival order: frames of a job in order
             job.pending -= 1
             if job.failed:
                 continue
@@ -255,7 +354,7 @@ class Extractor:
                 continue
             lo, hi = w.keep_start - w.frame_offset, w.keep_end - w.frame_offset
             try:
-                job.writer.write(w.keep_start, states[b, :, lo:hi])
+                job.writer.write(w.keep_start, states[:, lo:hi])
             except OSError as exc:  # disk full, output folder removed, ...
                 self._fail(job, f"{job.path}: cannot write {job.final} ({exc.strerror or exc})")
                 continue
@@ -280,6 +379,7 @@ class Extractor:
             return
         job.failed = True
         self._pending = [p for p in self._pending if p[0] is not job]
+        self._pending_cost = sum(self.backend.cost(p[2].shape[0]) for p in self._pending)
         job.pending = 0
         if job.writer is not None:
             job.writer.abort()
@@ -311,6 +411,53 @@ def parse_layers(spec: str, num_states: int) -> List[int]:
     return normalise_layers(values, num_states)
 
 
+def shard_from_env() -> Optional[tuple]:
+    """``(RANK, WORLD_SIZE)`` when started by torchrun (or any launcher that sets both), else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise MERTError("RANK and WORLD_SIZE must be integers") from None
+    if not 0 <= rank < world:
+        raise MERTError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return None if world == 1 else (rank, world)
+
+
+def resolve_device(spec: str, backend: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` -> the device this process runs on.
+
+    ``cuda`` and ``auto`` pick ``cuda:LOCAL_RANK`` (torchrun's GPU of this process); ``auto``
+    falls back to the CPU when the backend has no GPU, ``cuda`` says what is missing.
+    """
+    spec = (spec or "auto").strip().lower()
+    if spec == "cpu":
+        return "cpu"
+    if not (spec in ("auto", "cuda") or (spec.startswith("cuda:") and spec[5:].isdigit())):
+        raise MERTError(f"--device must be cpu, cuda, cuda:N or auto, got {spec!r}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        has_gpu = "CUDAExecutionProvider" in ort.get_available_providers()
+        if spec == "auto" and not has_gpu:
+            return "cpu"
+        # onnx_providers() says what is missing for an explicit cuda.
+        return spec if ":" in spec else f"cuda:{local_rank}"
+    import torch
+
+    if not torch.cuda.is_available():
+        if spec == "auto":
+            return "cpu"
+        raise MERTError(f"--device {spec}: torch {torch.__version__} sees no CUDA device (a CPU-only build, or no "
+                        "GPU visible: check CUDA_VISIBLE_DEVICES); use --device cpu or auto")
+    if ":" in spec:
+        if int(spec[5:]) >= torch.cuda.device_count():
+            raise MERTError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return spec
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
 def parse_shard(spec: Optional[str]) -> Optional[tuple]:
     if spec is None:
         return None
@@ -338,11 +485,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="all", help="hidden states: all (default), last, or e.g. 6 or 0,6,12")
     p.add_argument("--pooling", choices=("none", "mean"), default="none",
                    help="none: [L, T, D] per input; mean: mean over time, [L, D] (MARBLE)")
-    p.add_argument("--shard", help="i/n: process only shard i of n (0-based), e.g. $SLURM_ARRAY_TASK_ID/16")
+    p.add_argument("--shard", help="i/n: process only shard i of n (0-based), e.g. $SLURM_ARRAY_TASK_ID/16 "
+                                   "(default under torchrun: RANK/WORLD_SIZE)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: cuda:LOCAL_RANK when this backend has a GPU, else cpu)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="compute precision: torch runs bf16/fp16 under autocast; an onnx graph computes in the "
+                        "precision it was exported with (mert-export-onnx --quantize). Default: fp32 / the graph's")
     p.add_argument("--window-seconds", type=float,
-                   help="window length (torch default 5 s; onnx: fixed by the graph)")
+                   help=f"window length (default {DEFAULT_WINDOW_SECONDS:g} s; a fixed-window onnx graph: its own)")
     p.add_argument("--overlap-seconds", type=float, default=1.0, help="overlap of consecutive windows (1 s)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per model call (default 4)")
+    p.add_argument("--batch-size", type=int, default=64, help="at most this many windows per model call (64)")
+    p.add_argument("--batch-seconds", type=float,
+                   help="audio per model call, padding included (default 30 s on the CPU, 600 s on a GPU); windows "
+                        "of several inputs share a call")
     p.add_argument("--threads", type=int, default=0, help="compute threads (default: the library's choice)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored precision")
     p.add_argument("--overwrite", action="store_true",
@@ -354,14 +510,19 @@ def build_parser() -> argparse.ArgumentParser:
 def load_backend(args, window_seconds: Optional[float]):
     """Build the backend named by the arguments (model loading errors are MERTErrors)."""
     backend = args.backend or ("onnx" if (args.model or "").endswith(".onnx") else "torch")
+    device = resolve_device(getattr(args, "device", "auto"), backend)
+    precision = getattr(args, "precision", None)
     if backend == "onnx":
         if not args.model or not args.model.endswith(".onnx"):
             raise MERTError("--backend onnx needs --model FILE.onnx (write one with mert-export-onnx)")
-        graph = OnnxMERT(args.model, num_threads=args.threads)
+        graph = OnnxMERT(args.model, num_threads=args.threads, device=device, window_seconds=window_seconds)
         info = graph.info
-        if window_seconds is not None and int(round(window_seconds * info.sample_rate)) != info.window:
-            raise MERTError(f"{args.model} has a fixed window of {info.window / info.sample_rate:g} s; "
-                            f"--window-seconds {window_seconds:g} cannot be used with it")
+        if precision is not None and precision != info.precision:
+            how = "bf16 is for the torch backend" if precision == "bf16" else \
+                f"export one with mert-export-onnx --quantize {precision}" if precision == "fp16" else \
+                "export it without --quantize"
+            raise MERTError(f"{args.model} computes in {info.precision}; --precision {precision} needs a "
+                            f"{precision} graph ({how})")
         overlap = int(round(args.overlap_seconds * info.sample_rate))
         return OnnxBackend(graph, parse_layers(args.layers, info.num_hidden_states), overlap)
     import torch
@@ -372,11 +533,15 @@ def load_backend(args, window_seconds: Optional[float]):
         raise MERTError("--backend torch needs a PyTorch checkpoint, not a .onnx graph")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    precision = precision or "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise MERTError("--precision fp16 needs a GPU (torch has no fast fp16 kernels on the CPU); use bf16 or fp32")
     model = MERTModel.from_preset(args.preset, seed=args.seed) if args.preset else MERTModel.from_pretrained(args.model)
     sr = model.sample_rate
-    window = int(round((window_seconds or 5.0) * sr))
+    window = int(round((window_seconds or DEFAULT_WINDOW_SECONDS) * sr))
     overlap = int(round(args.overlap_seconds * sr))
-    return TorchBackend(model, parse_layers(args.layers, model.config.num_hidden_states), window, overlap)
+    return TorchBackend(model, parse_layers(args.layers, model.config.num_hidden_states), window, overlap,
+                        device=device, precision=precision)
 
 
 def main(argv=None) -> int:
@@ -389,9 +554,12 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from mert_plugin.progress import progress_bar
 
-    shard = parse_shard(args.shard)
+    explicit_shard = parse_shard(args.shard)
+    shard = explicit_shard or shard_from_env()
     if args.batch_size < 1:
         raise MERTError("--batch-size must be at least 1")
+    if args.batch_seconds is not None and args.batch_seconds <= 0:
+        raise MERTError("--batch-seconds must be positive")
     if args.overlap_seconds < 0:
         raise MERTError("--overlap-seconds must not be negative")
     backend = load_backend(args, args.window_seconds)
@@ -403,12 +571,15 @@ def run(args) -> int:
     os.makedirs(out_dir, exist_ok=True)
     model_id = f"preset {args.preset} seed {args.seed}" if args.preset else os.path.abspath(args.model) \
         if os.path.exists(args.model) else args.model
-    check_settings(os.path.join(out_dir, SETTINGS_FILE), {
+    settings = {
         "format": "mert-extract/1", "backend": backend.name, "model": model_id, "layers": backend.layers,
         "pooling": args.pooling, "dtype": args.dtype, "sample_rate": backend.sample_rate,
         "window_samples": backend.window, "overlap_samples": backend.overlap, "hidden_size": backend.dim,
         "output_shape": "[layers, frames, dim]" if args.pooling == "none" else "[layers, dim]",
-    }, overwrite=args.overwrite)
+    }
+    if backend.precision != "fp32":  # absent for fp32, so folders made before --precision existed still resume
+        settings["precision"] = backend.precision
+    check_settings(os.path.join(out_dir, SETTINGS_FILE), settings, overwrite=args.overwrite)
     manifest_name = "manifest.jsonl" if shard is None else f"manifest.shard{shard[0]}of{shard[1]}.jsonl"
     manifest = Manifest(os.path.join(out_dir, manifest_name), truncate=args.overwrite)
 
@@ -440,15 +611,21 @@ def run(args) -> int:
         jobs.append(Job(path, name, final))
 
     total = len(jobs) + len(problems)
-    with progress_bar(total=total, unit="file", disable=args.no_progress) as bar:
-        extractor = Extractor(backend, out_dir, manifest, args.pooling, np.dtype(args.dtype), args.batch_size, bar)
+    device_kind = "cuda" if str(backend.device).startswith("cuda") else "cpu"
+    batch_seconds = args.batch_seconds if args.batch_seconds is not None else DEFAULT_BATCH_SECONDS[device_kind]
+    # Under torchrun only rank 0 draws a bar; explicit --shard runs each draw their own.
+    quiet = args.no_progress or (explicit_shard is None and shard is not None and shard[0] != 0)
+    with progress_bar(total=total, unit="file", disable=quiet) as bar:
+        extractor = Extractor(backend, out_dir, manifest, args.pooling, np.dtype(args.dtype), args.batch_size, bar,
+                              batch_samples=int(round(batch_seconds * backend.sample_rate)))
         for path, name, reason in problems:
             extractor.record_failure(path, name, reason)
         try:
             extractor.run(jobs)
         finally:
             manifest.close()
-    print(f"{extractor.written} written, {skipped} already done, {extractor.failed} failed "
+    prefix = f"shard {shard[0]}/{shard[1]}: " if shard is not None else ""
+    print(f"{prefix}{extractor.written} written, {skipped} already done, {extractor.failed} failed "
           f"(details: {os.path.join(args.output_dir, manifest_name)})", file=sys.stderr)
     return EXIT_FAILED if extractor.failed else EXIT_OK
 

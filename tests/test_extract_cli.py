@@ -22,6 +22,7 @@ from mert_plugin import MERTModel, extract_features, load_audio
 from mert_plugin.extract import plan_windows
 
 SR = 24000
+TORCH_WINDOW = cli.DEFAULT_WINDOW_SECONDS  # mert-extract's torch default (the fixed graph below: 5 s)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_torch_backend_matches_library_and_mirrors_folders(models, music, tmp_pa
     rc, err = _run([str(root), "--model", hf, "--output-dir", str(out)], capsys)
     assert rc == 0, err
     for name in names:
-        ref = extract_features(model, load_audio(str(root / name), SR)).numpy()
+        ref = extract_features(model, load_audio(str(root / name), SR), window_seconds=TORCH_WINDOW).numpy()
         got = np.load(out / _npy(name))
         assert got.dtype == np.float32 and got.shape == ref.shape
         assert np.abs(got - ref).max() <= 1e-5, name
@@ -108,7 +109,8 @@ def test_layers_mean_pooling_and_float16(models, music, tmp_path, backend):
                   "--pooling", "mean", "--dtype", "float16"])
     assert rc == 0
     name = "album/b.flac"
-    ref = extract_features(model, load_audio(str(root / name), SR), layers=[4, 0], pooling="mean").numpy()
+    ref = extract_features(model, load_audio(str(root / name), SR), layers=[4, 0], pooling="mean",
+                           window_seconds=TORCH_WINDOW if backend == "torch" else 5.0).numpy()
     got = np.load(out / "b.npy")
     assert got.dtype == np.float16 and got.shape == (2, model.config.hidden_size)
     assert np.abs(got.astype(np.float32) - ref).max() <= 2e-3  # float16 rounding
@@ -243,7 +245,7 @@ def test_sigkill_then_rerun_finishes_the_rest_and_rewrites_nothing(models, tmp_p
         sf.write(root / name, _tone(15.0, 44100, 2, seed=i), 44100)
     out = tmp_path / "feats"
     cmd = [sys.executable, "-m", "extractors.cli", str(root), "--model", hf, "--output-dir", str(out),
-           "--threads", "1", "--batch-size", "2", "--no-progress"]
+           "--threads", "1", "--batch-size", "2", "--no-progress", "--window-seconds", "5"]  # several windows a file
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rng = random.Random()
     finished = {}
@@ -319,7 +321,10 @@ def test_clashing_names_keep_their_extensions(models, tmp_path):
     (["--layers", "9"], "out of range"),
     (["--layers", "a,b"], "--layers must be"),
     (["--backend", "onnx"], "needs --model FILE.onnx"),
-    (["--overlap-seconds", "5"], "shorter than the 5 s window"),
+    (["--overlap-seconds", "30"], "shorter than the 30 s window"),
+    (["--device", "tpu"], "--device must be"),
+    (["--precision", "fp16", "--device", "cpu"], "needs a GPU"),
+    (["--batch-seconds", "0"], "must be positive"),
 ])
 def test_bad_arguments_are_one_line_errors(models, music, tmp_path, capsys, argv, message):
     hf, _, _ = models
