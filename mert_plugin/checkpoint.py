@@ -27,7 +27,7 @@ import os
 import pickle
 import types
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -195,7 +195,7 @@ _HUB_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 def resolve_hub_model(repo_id: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
                       local_files_only: bool = False, token: Union[None, bool, str] = None,
-                      force_download: bool = False) -> str:
+                      force_download: bool = False, extra_files: Sequence[str] = ()) -> str:
     """Snapshot folder of hub model ``repo_id`` holding ``config.json`` and its weights.
 
     Resolution is ``huggingface_hub``'s own (``hf_hub_download``), as in
@@ -205,7 +205,8 @@ def resolve_hub_model(repo_id: str, revision: Optional[str] = None, cache_dir: O
     set or with ``local_files_only=True``. ``revision`` is a branch, tag or commit
     (default ``main``). Only ``config.json``, the first weight file found in the order
     ``model.safetensors``, its ``.index.json``, ``pytorch_model.bin``, its ``.index.json``
-    (plus the shards an index names) are fetched, at the commit ``config.json`` resolved to. Raises :class:`CheckpointError` with the reason and what to do.
+    (plus the shards an index names) are fetched, at the commit ``config.json`` resolved to,
+    and ``extra_files`` (e.g. ``preprocessor_config.json``) when the repo has them. Raises :class:`CheckpointError` with the reason and what to do.
     """
     try:
         from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
@@ -267,6 +268,13 @@ def resolve_hub_model(repo_id: str, revision: Optional[str] = None, cache_dir: O
         if name.endswith(".index.json"):
             for shard in _index_shards(weights):
                 fetch(shard, commit)
+        for extra in extra_files:  # optional files: absent from the repo or the cache is fine
+            if force_download or not isinstance(
+                    try_to_load_from_cache(repo_id, extra, cache_dir=cache_dir, revision=commit), str):
+                try:
+                    fetch(extra, commit)
+                except (EntryNotFoundError, OSError, ValueError):
+                    pass
         return folder
     if missing_locally:
         raise not_cached("no weight file (model.safetensors or pytorch_model.bin)")

@@ -12,6 +12,17 @@ convention ``forward(wav, wav_lens)``, so any SpeechBrain yaml can use it::
 It runs on this package's native model (no ``transformers``). ``freeze`` keeps
 it in eval mode without gradients, as SpeechBrain's HF wrappers do.
 
+It takes the yaml arguments of SpeechBrain 1.1's own MERT lobe
+(``speechbrain.integrations.huggingface.mert.MERT``: ``source``, ``save_path``,
+``output_norm``, ``freeze``, ``freeze_feature_extractor``, ``apply_spec_augment``,
+``output_all_hiddens``, in that positional order and with its defaults), so a
+yaml written for that lobe works by swapping the class name. That lobe loads
+MERT-v1 through ``transformers`` with ``trust_remote_code=True`` (the hub's
+``modeling_MERT.py``, written for transformers 4.x); this one executes no code
+from the model repo, runs on current ``transformers``-free torch with
+``scaled_dot_product_attention``, and reads fairseq and recipe checkpoints too.
+Where the two differ, MERT's semantics are kept (see the class docstring).
+
 :func:`save_inference_files` writes ``hyperparams.yaml`` + ``encoder.ckpt``
 into a folder so that
 ``speechbrain.inference.encoders.WaveformEncoder.from_hparams(source=folder)``
@@ -57,45 +68,71 @@ class MERTEncoder(nn.Module):
     Arguments
     ---------
     source : str, optional
-        Checkpoint to load (anything :meth:`MERTModel.from_pretrained` accepts).
-    preset : str, optional
-        Build a randomly initialised preset geometry instead (``mert-tiny``, ...);
-        weights then come from a SpeechBrain ``Pretrainer``/``Checkpointer``.
-    config : MERTConfig, dict or str, optional
-        Geometry as a config object, an HF-style dict or a ``config.json`` path
-        (random weights, as with ``preset``). Exactly one of source/preset/config.
+        Checkpoint to load: anything :meth:`MERTModel.from_pretrained` accepts (a local
+        HF folder, a hub id such as ``m-a-p/MERT-v1-95M`` resolved by ``huggingface_hub``,
+        a fairseq ``.pt``, a recipe ``CKPT+...`` folder).
+    save_path : str, optional
+        Hugging Face cache folder for a hub ``source`` (``cache_dir``; default: the HF
+        cache), as SpeechBrain's HF lobes use it. Ignored for local sources.
+    output_norm : bool
+        Apply ``layer_norm`` over the feature dim to each returned state (per frame).
+        SpeechBrain's wav2vec2-family lobes normalise over (time, feature) of each clip
+        instead, padding included; per-frame normalisation keeps a frame's features
+        independent of the clip's length and padding, as s3prl's
+        ``--upstream_feature_normalize`` does.
     freeze : bool
-        No gradients and always eval mode (dropout/layerdrop off).
+        No gradients and always eval mode (dropout/layerdrop off). Default False, as in
+        SpeechBrain's lobe: set ``freeze: True`` for a frozen feature extractor.
     freeze_feature_extractor : bool
         Freeze only the conv stem (fine-tuning the transformer).
+    apply_spec_augment : bool
+        Accepted for SpeechBrain compatibility; only False (the default there too):
+        masking belongs to the recipe (e.g. ``speechbrain.augment``).
     output_all_hiddens : bool
-        Return the selected hidden states stacked as ``[L_sel, B, T, D]``.
-    layers : int or list of int, optional
+        Return the selected hidden states stacked as ``[L_sel, B, T, D]`` (all ``L+1``
+        by default, ``L+1 = 13`` for MERT-v1-95M as in SpeechBrain's lobe).
+    preset : str, optional (keyword only)
+        Build a randomly initialised preset geometry instead (``mert-tiny``, ...);
+        weights then come from a SpeechBrain ``Pretrainer``/``Checkpointer``.
+    config : MERTConfig, dict or str, optional (keyword only)
+        Geometry as a config object, an HF-style dict or a ``config.json`` path
+        (random weights, as with ``preset``). Exactly one of source/preset/config.
+    layers : int or list of int, optional (keyword only)
         Indices into the ``L+1`` hidden states (0 = transformer input, negative
         counts from the end). An int returns ``[B, T, D]``; a list returns
         ``[len, B, T, D]``. Default: the last state, or all with ``output_all_hiddens``.
         Layers above the highest selected one are not computed.
-    output_norm : bool
-        Apply ``layer_norm`` over the feature dim to each returned state.
-    normalize_wav : bool
-        Zero-mean unit-variance each clip first (MERT-v0's processor does; v1's does not).
+    normalize_wav : bool, optional (keyword only)
+        Zero-mean unit-variance each clip first, over its valid samples. Default: the
+        source's ``preprocessor_config.json`` ``do_normalize`` (as SpeechBrain's lobe reads
+        it: False for MERT-v1, True for MERT-v0), else True for 16 kHz models only.
+    revision : str, optional (keyword only)
+        Hub revision (branch, tag or commit) of a hub ``source``.
     """
 
-    def __init__(self, source: Optional[str] = None, preset: Optional[str] = None,
-                 config: Union[None, MERTConfig, Dict[str, Any], str] = None, freeze: bool = True,
-                 freeze_feature_extractor: bool = False, output_all_hiddens: bool = False,
-                 layers: LayerSpec = None, output_norm: bool = False, normalize_wav: bool = False):
+    def __init__(self, source: Optional[str] = None, save_path: Optional[str] = None, output_norm: bool = False,
+                 freeze: bool = False, freeze_feature_extractor: bool = False, apply_spec_augment: bool = False,
+                 output_all_hiddens: bool = False, *, preset: Optional[str] = None,
+                 config: Union[None, MERTConfig, Dict[str, Any], str] = None, layers: LayerSpec = None,
+                 normalize_wav: Optional[bool] = None, revision: Optional[str] = None):
         super().__init__()
         given = [n for n, v in (("source", source), ("preset", preset), ("config", config)) if v is not None]
         if len(given) != 1:
             raise ConfigError(f"MERTEncoder needs exactly one of source, preset or config; got {given or 'none'}")
+        if apply_spec_augment:
+            raise ConfigError("MERTEncoder: apply_spec_augment=True is not supported (the encoder never masks "
+                              "its input; add masking in the recipe, e.g. speechbrain.augment)")
+        folder = None
         if source is not None:
-            self.model = MERTModel.from_pretrained(source)
+            folder = _source_folder(os.fspath(source), save_path, revision)
+            self.model = MERTModel.from_pretrained(folder or source)
         elif preset is not None:
             self.model = MERTModel.from_preset(preset)
         else:
             self.model = MERTModel(_as_config(config))
             self.model.reset_parameters()
+        if normalize_wav is None:
+            normalize_wav = _do_normalize(folder, self.model.sample_rate)
         self.freeze = bool(freeze)
         self.output_all_hiddens = bool(output_all_hiddens)
         self.output_norm = bool(output_norm)
@@ -203,6 +240,35 @@ class MERTEncoder(nn.Module):
         except RuntimeError as exc:
             raise MERTError(f"{path}: weights do not fit this MERTEncoder geometry: "
                             f"{str(exc).splitlines()[0]}") from None
+
+
+def _source_folder(source: str, save_path: Optional[str], revision: Optional[str]) -> Optional[str]:
+    """The folder a source's files are in: itself, or a hub id's snapshot in the HF cache
+    (``save_path`` as ``cache_dir``); None for single-file sources."""
+    from .checkpoint import _looks_like_hub_id, resolve_hub_model
+
+    if os.path.isdir(source):
+        return source
+    if os.path.exists(source) or not _looks_like_hub_id(source):
+        return None
+    return resolve_hub_model(source, revision=revision, cache_dir=save_path or None,
+                             extra_files=("preprocessor_config.json",))
+
+
+def _do_normalize(folder: Optional[str], sample_rate: int) -> bool:
+    """``do_normalize`` of the folder's ``preprocessor_config.json``; else the released models' rule."""
+    import json
+
+    path = os.path.join(folder, "preprocessor_config.json") if folder else None
+    if path and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f).get("do_normalize")
+            if isinstance(value, bool):
+                return value
+        except (OSError, ValueError, AttributeError):
+            pass
+    return int(sample_rate) == 16000
 
 
 def _normalize(wav: Tensor, padding_mask: Optional[Tensor]) -> Tensor:

@@ -164,3 +164,62 @@ def test_inference_weights_are_loaded_strictly(exported, tmp_path):
     torch.save(MERTEncoder(config=narrower).state_dict(), os.path.join(str(tmp_path), INFERENCE_CKPT))
     with pytest.raises(MERTError, match="do not fit this MERTEncoder"):
         WaveformEncoder.from_hparams(source=str(tmp_path), savedir=str(tmp_path / "cache"))
+
+
+# ------------------------------------------------ SpeechBrain 1.1's own MERT lobe, swapped
+def test_signature_matches_speechbrain_mert_lobe():
+    """Same positional order, names and defaults as speechbrain.integrations.huggingface.mert.MERT."""
+    import inspect
+
+    sb_mert = pytest.importorskip("speechbrain.integrations.huggingface.mert")
+    theirs = list(inspect.signature(sb_mert.MERT.__init__).parameters.values())[1:]
+    ours = list(inspect.signature(MERTEncoder.__init__).parameters.values())[1:1 + len(theirs)]
+    assert [p.name for p in ours] == [p.name for p in theirs]
+    for a, b in zip(ours, theirs):
+        if b.default is not inspect.Parameter.empty:
+            assert a.default == b.default, a.name
+    assert ours[1].default is None  # save_path is required there; optional here (local sources need none)
+
+
+# A yaml as written for SpeechBrain's lobe (its recipes' spelling), with only the class swapped.
+_SB_LOBE_YAML = """
+save_folder: {save}
+mert_hub: m-a-p/MERT-v1-95M
+mert_folder: !ref <save_folder>/mert_checkpoint
+freeze_mert: True
+mert: !new:{cls}
+    source: !ref <mert_hub>
+    output_norm: True
+    freeze: !ref <freeze_mert>
+    freeze_feature_extractor: True
+    save_path: !ref <mert_folder>
+    output_all_hiddens: True
+positional: !new:{cls} [{local}, {save}/unused, False, False]
+"""
+
+
+def test_yaml_for_speechbrain_lobe_works_by_swapping_the_class(exported, tmp_path, monkeypatch):
+    """``source`` a hub id, ``save_path`` the HF cache folder (as SpeechBrain's lobe uses it): a
+    tiny checkpoint laid out there as huggingface_hub lays it out, read offline."""
+    from huggingface_hub import constants
+    from hyperpyyaml import load_hyperpyyaml
+
+    from test_hub import add_snapshot  # the hub cache layout (tests/test_hub.py)
+
+    folder, reference = exported
+    save = tmp_path / "save"
+    files = {n: os.path.join(folder, n) for n in ("config.json", "model.safetensors", "preprocessor_config.json")}
+    add_snapshot(str(save / "mert_checkpoint"), "m-a-p/MERT-v1-95M", "c" * 40, files)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    hp = load_hyperpyyaml(_SB_LOBE_YAML.format(save=save, local=folder, cls="mert_plugin.speechbrain.MERTEncoder"))
+    enc = hp["mert"]
+    assert enc.freeze and enc.output_all_hiddens and enc.output_norm and not enc.normalize_wav
+    wav = torch.randn(2, 20000)
+    ref = _reference_states(reference, wav)
+    expected = torch.nn.functional.layer_norm(ref, ref.shape[-1:])  # per frame (see the class docstring)
+    torch.testing.assert_close(enc(wav, torch.ones(2)), expected, atol=1e-4, rtol=0)
+    pos = hp["positional"]  # [source, save_path, output_norm, freeze]
+    assert not pos.freeze and not pos.output_norm and not pos.output_all_hiddens
+    torch.testing.assert_close(pos(wav), ref[-1], atol=TOL, rtol=0)
+    with pytest.raises(ConfigError, match="apply_spec_augment"):
+        MERTEncoder(folder, apply_spec_augment=True)
