@@ -86,8 +86,8 @@ def provenance_fields(source: str, citation: str, author: Optional[str] = None, 
     if release is not None:
         fields = {"link": f"https://huggingface.co/{release['hub_id']}", "author": MAP_AUTHORS,
                   "email": f"(no e-mail; contact through {MERT_ISSUES})",
-                  "dataset": {"name": f"{release['hub_id']} pre-training audio (m-a-p's music collection; "
-                                      "not released; unlabelled, self-supervised)",
+                  "dataset": {"name": f"{release['hub_id']} pre-training audio (m-a-p's music collection, "
+                                      "unlabelled: self-supervised; see the MERT paper)",
                               "citation": citation, "size": release["hours"], "metrics": {}}}
     elif os.fspath(source).startswith("preset "):
         fields = {"link": MERT_PAPER,
@@ -163,8 +163,8 @@ def onnxpredict_call(graph_file: str, window: int, frames: int, dim: int, embedd
                        "squeeze": True},
         "input_pool": {"audio": ["batch_size", 1, 1, window]},
         "output_pool": {output: ["batch_size", 1, frames, dim]},
-        "notes": (f"Cut the 24 kHz mono signal into windows of exactly {window} samples yourself (no "
-                  "padding: num_samples keeps its default, so every window must be all real audio); "
+        "notes": (f"Cut the mono signal (at inference.sample_rate) into windows of exactly {window} samples "
+                  "yourself (no padding: num_samples keeps its default, so every window must be all real audio); "
                   "OnnxPredict returns every window's frames and does no stitching. Any output in "
                   "schema.outputs can be asked for by name; hidden_states comes back as "
                   "[batch_size, L+1, frames, D]."),

@@ -1,4 +1,6 @@
 """OnnxPredictMERT with the real essentia package: MonoLoader in, MERTModel as the reference."""
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -7,7 +9,9 @@ import torch
 import essentia
 import essentia.standard as es
 import extractors.essentia as ext_essentia
+from extractors.essentia_meta import check_onnxpredict_contract
 from extractors.export_onnx import export_onnx
+from extractors.onnx_model import metadata_path
 from mert_plugin import MERTModel, extract_features
 from mert_plugin.errors import AudioError, MERTError
 
@@ -284,3 +288,70 @@ def test_missing_or_broken_graph(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\x00" * 100)
     with pytest.raises(MERTError, match="cannot load the ONNX model"):
         es.OnnxPredictMERT(graphFilename=str(tmp_path / "junk.onnx"))
+
+
+def _onnxpredict_emulated(graph_path, pool, inputs, outputs):
+    """Essentia's C++ OnnxPredict (MTG/essentia PR #1488 at f66c52f3, onnxpredict.cpp compute()), in Python.
+
+    Each input is the Pool's rank-4 float32 tensor under the input's name, with its non-batch
+    singleton dims squeezed; the session is run for ``outputs`` only; each result is stored under
+    its name with the shape OnnxPredict gives it: the output's *declared* shape right-aligned into
+    [batch, 1, 1, 1], batch taken from the first input.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(graph_path, providers=["CPUExecutionProvider"])
+    feed = {}
+    for name in inputs:
+        tensor = np.asarray(pool[name])
+        assert tensor.ndim == 4 and tensor.dtype == np.float32  # an Essentia Tensor<Real>
+        feed[name] = tensor.reshape([tensor.shape[0]] + [d for d in tensor.shape[1:] if d > 1])
+    declared = {o.name: o.shape for o in session.get_outputs()}
+    out = essentia.Pool()
+    for name, value in zip(outputs, session.run(outputs, feed)):
+        shape = [feed[inputs[0]].shape[0], 1, 1, 1]
+        for j in range(1, len(declared[name])):
+            shape[4 - j] = declared[name][len(declared[name]) - j]
+        assert value.size == np.prod(shape)  # the declared shape is the runtime shape
+        out.set(name, np.ascontiguousarray(value.reshape(shape), dtype=np.float32))
+    return out
+
+
+def test_exported_graph_meets_cpp_onnxpredict_contract(graph):
+    """What FILE.json tells a C++ OnnxPredict user works: float32 'audio' in, static rank <= 4 outputs named as in
+    the schema, the recommended layer by name. The installed essentia has no OnnxPredict (no released wheel has),
+    so it is emulated with onnxruntime; with an essentia that has it, the real one is run too."""
+    path, model = graph
+    meta = json.loads(open(metadata_path(path)).read())
+    call = meta["inference"]["onnxpredict"]
+    emb = meta["inference"]["embedding_output"]
+    assert [o["name"] for o in meta["schema"]["outputs"] if o["output_purpose"] == "embeddings"] == [emb]
+    assert call["algorithm"] == "OnnxPredict"
+    assert call["parameters"]["inputs"] == [meta["schema"]["inputs"][0]["name"]] == ["audio"]
+    assert call["parameters"]["outputs"] == [emb] and emb != "last_hidden_state"
+    io = check_onnxpredict_contract(path, meta["schema"])  # every output of the graph
+    assert dict(io["inputs"]) == call["input_pool"]
+    assert dict(io["outputs"])[emb] == call["output_pool"][emb]
+    assert {name for name, _ in io["outputs"]} == {o["name"] for o in meta["schema"]["outputs"]}
+
+    windows = np.stack([_music(5.0, SR, seed=9)[:WINDOW], _music(5.0, SR, seed=10)[:WINDOW]])
+    pool = essentia.Pool()
+    pool.set("audio", windows[:, None, None, :])  # (B, 1, 1, W), as call["input_pool"] says
+    wanted = [emb, "hidden_states"]
+    got = _onnxpredict_emulated(path, pool, call["parameters"]["inputs"], wanted)
+    k = int(emb.rsplit("_", 1)[1])
+    frames, dim = model.num_frames(WINDOW), model.config.hidden_size
+    assert list(got[emb].shape) == [2] + call["output_pool"][emb][1:] == [2, 1, frames, dim]
+    assert got["hidden_states"].shape == (2, model.config.num_hidden_states, frames, dim)
+    for b in range(2):
+        mine = _predict(path, output=emb)(windows[b])
+        assert np.abs(got[emb][b, 0] - mine).max() <= 1e-5
+        with torch.no_grad():
+            ref = model(torch.from_numpy(windows[b])[None]).hidden_states[k][0].numpy()
+        assert np.abs(got[emb][b, 0] - ref).max() <= 1e-4
+        assert np.array_equal(got["hidden_states"][b, k], got[emb][b, 0])
+    if hasattr(es, "OnnxPredict"):  # a source build of MTG/essentia with PR #1488
+        real = es.OnnxPredict(**dict(call["parameters"], graphFilename=path))(pool)
+        assert np.abs(real[emb] - got[emb]).max() <= 1e-5
+    else:
+        assert "OnnxPredict" not in es.algorithmNames()
