@@ -106,7 +106,10 @@ def test_find_audio_files_reports_unreadable_folders(tmp_path, monkeypatch, capl
     import errno
     import logging
 
-    from speechbrain_recipes.MERT.prepare_music import scan_folder
+    # the recipe folder stands alone (SpeechBrain-style): its modules import from that folder
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             "speechbrain_recipes", "MERT"))
+    from prepare_music import scan_folder
 
     locked = tmp_path / "a" / "locked"
     locked.mkdir(parents=True)

@@ -24,6 +24,11 @@ RECIPE = os.path.join(REPO, "speechbrain_recipes", "MERT")
 TRAIN = os.path.join(RECIPE, "train.py")
 TINY = os.path.join(RECIPE, "hparams", "mert_tiny.yaml")
 SR = 24000
+# The recipe folder stands alone as SpeechBrain recipes do: its helpers (data, label_step,
+# prepare_music, checkpointing) are top-level modules of that folder, which `python train.py`
+# puts on sys.path. The tests import them, and resolve the yamls' class paths, the same way.
+if RECIPE not in sys.path:
+    sys.path.insert(0, RECIPE)
 
 
 def _write_corpus(folder, n=24, seconds=(2.0, 3.0), seed=0):
@@ -62,7 +67,7 @@ def _read_csv(path):
 
 # ------------------------------------------------------------ data preparation
 def test_prepare_music_split_is_deterministic_and_bad_files_are_listed(tmp_path):
-    from speechbrain_recipes.MERT.prepare_music import main, prepare_music
+    from prepare_music import main, prepare_music
 
     data = tmp_path / "data"
     _write_corpus(str(data), n=12)
@@ -100,7 +105,7 @@ def test_prepare_music_split_is_deterministic_and_bad_files_are_listed(tmp_path)
 def test_crops_are_hop_aligned_and_labels_follow_them(tmp_path):
     from mert_plugin import MERTConfig, load_audio
     from mert_plugin.labels import label_paths
-    from speechbrain_recipes.MERT.data import CropCollate
+    from data import CropCollate
 
     config = MERTConfig.from_preset("mert-tiny")
     rng = np.random.default_rng(0)
@@ -140,7 +145,7 @@ def test_crops_are_hop_aligned_and_labels_follow_them(tmp_path):
 
 def test_a_batch_is_cut_to_its_shortest_clip_when_that_is_shorter_than_the_crop(tmp_path):
     from mert_plugin import MERTConfig
-    from speechbrain_recipes.MERT.data import CropCollate
+    from data import CropCollate
 
     config = MERTConfig.from_preset("mert-tiny")
     items = []
@@ -161,7 +166,8 @@ def test_a_batch_is_cut_to_its_shortest_clip_when_that_is_shorter_than_the_crop(
 _INTERRUPTED_SAVE = r"""
 import os, sys, torch
 from speechbrain.utils.checkpoints import Checkpointer, mark_as_loader, mark_as_saver, register_checkpoint_hooks
-from speechbrain_recipes.checkpointing import AtomicCheckpointer
+sys.path.insert(0, sys.argv[3])
+from checkpointing import AtomicCheckpointer
 
 @register_checkpoint_hooks
 class DiesOnSecondSave:
@@ -190,10 +196,10 @@ ckpt.save_checkpoint(meta={"n": 2})
 @pytest.mark.parametrize("kind", ["atomic", "speechbrain"])
 def test_checkpoint_killed_while_written_is_never_resumed(tmp_path, kind):
     from speechbrain.utils.checkpoints import Checkpointer
-    from speechbrain_recipes.checkpointing import AtomicCheckpointer
+    from checkpointing import AtomicCheckpointer
 
     folder = str(tmp_path / "save")
-    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_SAVE, folder, kind], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPTED_SAVE, folder, kind, RECIPE], capture_output=True, text=True)
     assert proc.returncode == 9, proc.stderr
     model = torch.nn.Linear(3, 3)
     cls = AtomicCheckpointer if kind == "atomic" else Checkpointer
@@ -209,7 +215,7 @@ def test_checkpoint_killed_while_written_is_never_resumed(tmp_path, kind):
 
 
 def test_half_deleted_or_truncated_checkpoints_are_skipped(tmp_path):
-    from speechbrain_recipes.checkpointing import AtomicCheckpointer
+    from checkpointing import AtomicCheckpointer
 
     model = torch.nn.Linear(4, 4)
     ckpt = AtomicCheckpointer(str(tmp_path), recoverables={"model": model, "other": torch.nn.Linear(2, 2)})
@@ -227,7 +233,7 @@ def test_half_deleted_or_truncated_checkpoints_are_skipped(tmp_path):
 def test_config_record_refuses_another_geometry(tmp_path):
     from mert_plugin import MERTModel
     from mert_plugin.errors import CheckpointError
-    from speechbrain_recipes.checkpointing import ConfigRecord
+    from checkpointing import ConfigRecord
 
     path = str(tmp_path / "mert_config.ckpt")
     tiny = MERTModel.from_preset("mert-tiny")
@@ -243,7 +249,7 @@ def test_config_record_refuses_another_geometry(tmp_path):
 
 
 def test_rng_state_round_trip(tmp_path):
-    from speechbrain_recipes.checkpointing import RNGState
+    from checkpointing import RNGState
 
     path = str(tmp_path / "rng.ckpt")
     RNGState().save(path)
@@ -318,6 +324,13 @@ def test_tiny_recipe_trains_logs_and_exports(trained):
     assert snaps == ["epoch_001", "epoch_002"]
     updates = [json.load(open(os.path.join(out, "snapshots", s, "snapshot.json")))["updates"] for s in snaps]
     assert 0 < updates[0] < updates[1] == int(lines[-1].split("updates: ")[1].split(" ")[0].rstrip(","))
+    # step-level log: one line every log_interval (mert_tiny: 10) updates, with the loss and the terms
+    with open(os.path.join(out, "train_steps_log.txt"), encoding="utf-8") as f:
+        steps = f.read().strip().splitlines()
+    total = updates[1]
+    assert [int(line.split("updates: ")[1].split(",")[0]) for line in steps] == list(range(10, total + 1, 10))
+    assert all("train loss: " in line and "train acoustic_ce: " in line and "seconds: " in line for line in steps)
+    assert not os.path.exists(os.path.join(out, "tensorboard"))  # off by default
 
 
 @pytest.mark.slow
@@ -345,7 +358,7 @@ def test_export_and_checkpoint_load_everywhere(trained, tmp_path):
 
 
 def _latest_complete_checkpoint(save):
-    from speechbrain_recipes.checkpointing import checkpoint_problem
+    from checkpointing import checkpoint_problem
 
     best = None
     for d in os.listdir(save):
@@ -508,7 +521,7 @@ def test_ddp_batch_sampler_gives_every_process_the_same_number_of_whole_batches(
     together every batch; train.py derives total_updates from the same count."""
     from speechbrain.dataio.sampler import DistributedSamplerWrapper
 
-    from speechbrain_recipes.MERT.data import batches_per_process, distributed_batch_sampler
+    from data import batches_per_process, distributed_batch_sampler
 
     class Batches:  # a batch sampler: yields lists of clip indices
         def __init__(self):
@@ -541,7 +554,7 @@ def test_ddp_batch_sampler_gives_every_process_the_same_number_of_whole_batches(
 def test_manifest_without_rows_is_an_empty_dataset(tmp_path):
     """A folder of one file (or valid_fraction: 0) has no validation rows; SpeechBrain's
     from_csv fails on that, so the recipe's datasets would not be built."""
-    from speechbrain_recipes.MERT.data import make_dataset
+    from data import make_dataset
 
     path = tmp_path / "valid.csv"
     path.write_text("ID,duration,path\n")
@@ -614,7 +627,11 @@ def _write_pitch_task(folder, n=18):
 
 def test_downstream_csv_errors_are_clear(tmp_path):
     from mert_plugin.errors import MERTError
-    from speechbrain_recipes.MERT.downstream.train_classifier import read_task_csv
+    sys.path.insert(0, os.path.join(RECIPE, "downstream"))  # a recipe folder of its own
+    try:
+        from train_classifier import read_task_csv
+    finally:
+        sys.path.remove(os.path.join(RECIPE, "downstream"))
 
     csv_path = _write_pitch_task(str(tmp_path))
     splits = read_task_csv(csv_path, str(tmp_path))
@@ -650,3 +667,66 @@ def test_downstream_classifier_on_frozen_export(trained, tmp_path):
     assert len(weights) == 5 and abs(sum(map(float, weights)) - 1.0) < 0.01  # mert-tiny: 4 layers + input
     with open(os.path.join(result, "save", "label_encoder.txt"), encoding="utf-8") as f:
         assert {"'low'", "'mid'", "'high'"} <= {line.split(" => ")[0] for line in f if "=>" in line}
+
+
+# ------------------------------------------------------- stand-alone recipe folder
+@pytest.mark.parametrize("yaml_name", ["mert_tiny.yaml", "mert.yaml", "mert_330m.yaml"])
+def test_yaml_class_paths_resolve_from_the_tests(yaml_name, tmp_path):
+    """The yamls name the recipe's helpers as SpeechBrain recipes do (``!new:data.CropCollate``,
+    ``!new:checkpointing.AtomicCheckpointer``): they resolve with the recipe folder on sys.path,
+    as ``python train.py`` has it (the student is swapped for mert-tiny to keep this fast)."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    with open(os.path.join(RECIPE, "hparams", yaml_name), encoding="utf-8") as f:
+        hp = load_hyperpyyaml(f, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out"),
+                                  "preset": "mert-tiny"})
+    assert type(hp["train_collate"]).__module__ == "data"
+    assert type(hp["checkpointer"]).__name__ == "AtomicCheckpointer"
+    assert type(hp["checkpointer"]).__module__ == "checkpointing"
+    assert hp["log_interval"] > 0 and hp["train_steps_log"].endswith("train_steps_log.txt")
+    assert hp["use_tensorboard"] is False
+    assert type(hp["train_steps_logger"]).__name__ == "FileTrainLogger"
+
+
+def test_recipe_folder_needs_no_package_import():
+    """No module of the recipe imports it as a package (speechbrain_recipes.*), and there is no
+    __init__.py: the folder is copied or run as it is, with mert_plugin installed."""
+    for root, _, files in os.walk(RECIPE):
+        assert "__init__.py" not in files, root
+        for name in files:
+            if name.endswith((".py", ".yaml")):
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    assert "speechbrain_recipes" not in f.read(), os.path.join(root, name)
+    with open(os.path.join(RECIPE, "extra_requirements.txt"), encoding="utf-8") as f:
+        reqs = [line.split("#")[0].strip() for line in f if line.split("#")[0].strip()]
+    assert any(r.startswith("mert-plugin") or r.startswith("mert_plugin") for r in reqs), reqs
+
+
+@pytest.mark.slow
+def test_debug_shortens_every_step_and_keeps_output_folder_clean(corpus, tmp_path):
+    """``--debug`` (SpeechBrain's flag): a few files prepared, labelled and trained on, the export
+    written; outputs in a temporary folder (removed) or, with --debug_persistently, in
+    <output_folder>/debug; step logs every update and TensorBoard events when asked."""
+    out = str(tmp_path / "out")
+    log = _run([sys.executable, TRAIN, *_recipe_args(corpus, out, "--debug", "--debug_persistently",
+                                                   "--log_interval=1", "--use_tensorboard=True")])
+    debug = os.path.join(out, "debug")
+    assert "--debug: outputs in" in log
+    rows = _read_csv(os.path.join(debug, "train.csv")) + _read_csv(os.path.join(debug, "valid.csv"))
+    assert 0 < len(rows) <= 6  # data preparation checked 6 files of the 28 in the corpus
+    labelled = [f for _, _, files in os.walk(os.path.join(debug, "labels")) for f in files
+                if f.endswith(".codes.npy")]
+    assert 0 < len(labelled) <= 6
+    assert os.path.isfile(os.path.join(debug, "export", "model.safetensors"))
+    assert not os.path.exists(os.path.join(debug, "snapshots"))
+    with open(os.path.join(debug, "train_steps_log.txt"), encoding="utf-8") as f:
+        steps = f.read().strip().splitlines()
+    assert steps and steps[0].startswith("epoch: 1, updates: 1, lr: ") and "train loss: " in steps[0]
+    tb = os.path.join(debug, "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tb))
+    assert not os.path.exists(os.path.join(out, "train.csv"))  # nothing a real run would reuse
+    # without --debug_persistently nothing is left behind
+    out2 = str(tmp_path / "out2")
+    log = _run([sys.executable, TRAIN, *_recipe_args(corpus, out2, "--debug")])
+    tmp = log.split("--debug: outputs in ")[1].split(";")[0]
+    assert not os.path.exists(tmp) and not os.path.exists(os.path.join(out2, "train.csv"))

@@ -34,7 +34,7 @@ from torch import Tensor
 from mert_plugin.audio import load_audio
 from mert_plugin.config import MERTConfig
 from mert_plugin.errors import MERTError
-from speechbrain_recipes.MERT import label_step
+import label_step
 
 
 def make_dataset(csv_path: str, data_folder: str):

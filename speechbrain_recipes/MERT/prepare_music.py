@@ -45,12 +45,14 @@ CSV_FIELDS = ("ID", "duration", "path")
 
 
 def prepare_music(data_folder: str, save_folder: str, valid_fraction: float = 0.05, min_duration: float = 1.0,
-                  check_decode: bool = True, skip_prep: bool = False, progress: bool = True) -> Dict[str, str]:
+                  check_decode: bool = True, skip_prep: bool = False, progress: bool = True,
+                  max_files: int = 0) -> Dict[str, str]:
     """Scan ``data_folder`` and write the manifests; returns their paths.
 
     ``check_decode`` decodes every file once (catches truncated files and
     NaN/Inf samples, which the header alone does not show); without it only
-    the header is read.
+    the header is read. ``max_files`` (0 = all; the recipe's ``--debug``) checks
+    only that many files, evenly spread through the sorted listing.
     """
     paths = {split: os.path.join(save_folder, f"{split}.csv") for split in ("train", "valid")}
     paths["skipped"] = os.path.join(save_folder, "skipped.txt")
@@ -62,11 +64,13 @@ def prepare_music(data_folder: str, save_folder: str, valid_fraction: float = 0.
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     options = {"data_folder": os.path.abspath(data_folder), "valid_fraction": valid_fraction,
                "min_duration": min_duration, "check_decode": check_decode}
+    if max_files:
+        options["max_files"] = int(max_files)  # a shortened manifest is never taken for a full one
     if _already_done(save_folder, options, paths):
         logger.info(f"Manifests in {save_folder} are up to date; skipping data preparation")
         return paths
 
-    rows, skipped = scan_folder(data_folder, min_duration, check_decode, progress)
+    rows, skipped = scan_folder(data_folder, min_duration, check_decode, progress, max_files)
     if not rows:
         raise AudioError(f"{data_folder}: no usable audio file ({len(skipped)} skipped; see {paths['skipped']})"
                          if skipped else f"{data_folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)})")
@@ -84,14 +88,16 @@ def prepare_music(data_folder: str, save_folder: str, valid_fraction: float = 0.
     return paths
 
 
-def scan_folder(data_folder: str, min_duration: float, check_decode: bool = True, progress: bool = True
-                ) -> Tuple[List[Tuple[str, float]], List[Tuple[str, str]]]:
+def scan_folder(data_folder: str, min_duration: float, check_decode: bool = True, progress: bool = True,
+                max_files: int = 0) -> Tuple[List[Tuple[str, float]], List[Tuple[str, str]]]:
     """-> ([(relative_path, duration_s)], [(path, reason)]) for every audio-named file (and folder that
-    cannot be read)."""
+    cannot be read); with ``max_files`` > 0, for that many files evenly spread through the listing."""
     from mert_plugin.progress import progress_bar
 
     rows, stems, unreadable = [], {}, []
     files = find_audio_files([data_folder], unreadable=unreadable)
+    if 0 < max_files < len(files):
+        files = [files[i * len(files) // max_files] for i in range(max_files)]
     skipped = [(folder, f"cannot read folder ({reason})") for folder, reason in unreadable]
     for path, rel in progress_bar(files, desc="scanning audio", disable=not progress, unit="file"):
         rel = rel.replace(os.sep, "/")

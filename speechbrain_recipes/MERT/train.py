@@ -11,10 +11,24 @@ and the teacher step (fit the demo teacher / offline labels) on the main
 process, then ``Brain.fit`` (resumes from the last checkpoint of
 ``output_folder`` if there is one), then export of the student to
 ``<output_folder>/export`` (HF folder + SpeechBrain inference files).
+
+As in SpeechBrain's recipes, the helpers (data.py, label_step.py,
+prepare_music.py, checkpointing.py) are imported from this folder, and the
+yamls name them so (``!new:data.CropCollate``); ``mert_plugin`` comes from
+``pip install`` of the mert-plugin project (extra_requirements.txt).
+
+``--debug`` (SpeechBrain's flag) shortens every step, not only ``Brain.fit``:
+data preparation checks and labels a few files, the teacher is fitted on
+them, and all outputs (manifests, labels, checkpoints, logs, export) go to a
+temporary folder (``<output_folder>/debug`` with ``--debug_persistently``), so
+a debug run never leaves short manifests or labels where a real run would
+reuse them.
 """
 import logging
 import os
 import sys
+import tempfile
+import time
 
 import torch
 from hyperpyyaml import load_hyperpyyaml
@@ -27,18 +41,22 @@ from speechbrain.utils.distributed import run_on_main  # noqa: E402
 
 from mert_plugin.errors import MERTError  # noqa: E402
 from mert_plugin.speechbrain import save_inference_files  # noqa: E402
-from speechbrain_recipes.MERT import label_step  # noqa: E402
-from speechbrain_recipes.MERT.data import (  # noqa: E402
+import label_step  # noqa: E402  (this recipe's own helpers, next to train.py)
+from data import (  # noqa: E402
     batches_per_process, dataio_prepare, distributed_batch_sampler, make_batch_sampler)
-from speechbrain_recipes.MERT.prepare_music import prepare_music  # noqa: E402
+from prepare_music import prepare_music  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+# --debug: files checked by data preparation, then used (and labelled) per split
+DEBUG_FILES = {"train": 4, "valid": 2}
 
 
 class MERTBrain(sb.Brain):
     """Masked prediction of teacher labels; the objective is ``MERTPretrainer``."""
 
     label_generator = None  # online teachers (frozen, outside `modules` so DDP ignores them)
+    tensorboard = None  # optional TensorboardLogger (use_tensorboard)
 
     def compute_forward(self, batch, stage):
         batch = batch.to(self.device)
@@ -79,11 +97,42 @@ class MERTBrain(sb.Brain):
         return loader_kwargs
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        self.interval_loss = getattr(self, "interval_loss", 0.0) + float(loss.detach() if torch.is_tensor(loss) else loss)
+        self.interval_batches = getattr(self, "interval_batches", 0) + 1
         if should_step:
             self.hparams.lr_scheduler(self.optimizer)
+            interval = getattr(self.hparams, "log_interval", 0) or 0
+            if interval > 0 and self.optimizer_step % interval == 0:
+                self._log_steps()
+
+    def _log_steps(self):
+        """One line of ``train_steps_log`` (and TensorBoard): the means over the batches since the
+        last line, on the main process's batches (no all-reduce: a step must not wait for others)."""
+        now = time.time()
+        seen = self.interval_batches
+        stats = {"loss": self.interval_loss / max(1, seen)}
+        last = getattr(self, "interval_terms", {})
+        for name, total in self.term_sums.items():  # the epoch's running sums: differences since the last line
+            n = self.term_batches - last.get("#batches", 0)
+            if n > 0 and name in ("acoustic_ce", "acoustic_acc", "cqt_mse", "feature_penalty"):
+                stats[name] = (total - last.get(name, 0.0)) / n
+        meta = {"epoch": self.hparams.epoch_counter.current, "updates": self.optimizer_step,
+                "lr": self.optimizer.param_groups[0]["lr"], "batches": seen}
+        if getattr(self, "interval_start", None) is not None:
+            meta["seconds"] = round(now - self.interval_start, 2)
+        if sb.utils.distributed.if_main_process():
+            self.hparams.train_steps_logger.log_stats(stats_meta=meta, train_stats=stats)
+            if self.tensorboard is not None:  # x axis: optimizer updates
+                for name, value in {"lr": meta["lr"], **stats}.items():
+                    self.tensorboard.writer.add_scalar(f"steps/{name}", value, self.optimizer_step)
+        self.interval_loss, self.interval_batches, self.interval_start = 0.0, 0, now
+        self.interval_terms = {**self.term_sums, "#batches": self.term_batches}
 
     def on_stage_start(self, stage, epoch=None):
         self.term_sums, self.term_batches = {}, 0
+        if stage == sb.Stage.TRAIN:  # step log intervals restart with the epoch's term sums
+            self.interval_loss, self.interval_batches, self.interval_terms = 0.0, 0, {}
+            self.interval_start = time.time()
         if stage == sb.Stage.TRAIN:
             self.hparams.train_collate.epoch = epoch
 
@@ -96,6 +145,8 @@ class MERTBrain(sb.Brain):
             stats = None
         meta = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "updates": self.optimizer_step}
         self.hparams.train_logger.log_stats(stats_meta=meta, train_stats=self.train_stats, valid_stats=stats)
+        if self.tensorboard is not None:
+            self.tensorboard.log_stats(stats_meta={"epoch": epoch}, train_stats=self.train_stats, valid_stats=stats)
         self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "epoch": epoch},
                                              num_to_keep=self.hparams.checkpoints_to_keep, importance_keys=[])
         self.checkpointer.delete_checkpoints(  # the epoch is complete: its intra-epoch checkpoints are stale
@@ -166,27 +217,92 @@ def on_main(func, **kwargs):
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)  # torchrun: RANK/LOCAL_RANK in the environment
+    debug = bool(run_opts.get("debug"))
+    debug_tmp = None
     try:
         with open(hparams_file, encoding="utf-8") as f:
             hparams = load_hyperpyyaml(f, overrides)  # run_opts go to the Brain, never into hparams
+        if debug:
+            overrides = debug_overrides(hparams, overrides, run_opts)
+            debug_tmp = None if run_opts.get("debug_persistently") else overrides["output_folder"]
+            with open(hparams_file, encoding="utf-8") as f:
+                hparams = load_hyperpyyaml(f, overrides)
         sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                        hyperparams_to_save=hparams_file, overrides=overrides)
+        if debug:
+            logger.info(f"--debug: outputs in {hparams['output_folder']}; at most {sum(DEBUG_FILES.values())} "
+                        f"files prepared and labelled")
         on_main(prepare_music, data_folder=hparams["data_folder"], save_folder=hparams["manifest_folder"],
                 valid_fraction=hparams["valid_fraction"], min_duration=hparams["min_duration"],
-                check_decode=hparams["check_decode"], skip_prep=hparams["skip_prep"])
+                check_decode=hparams["check_decode"], skip_prep=hparams["skip_prep"],
+                max_files=sum(DEBUG_FILES.values()) if debug else 0)
         on_main(label_step.prepare, hparams=hparams, device=run_opts["device"] or sb.utils.distributed.infer_device())
         datasets = dataio_prepare(hparams)
         train(hparams, run_opts, datasets)
         on_main(export_student, student=hparams["student"], export_folder=hparams["export_folder"])
     finally:
         if torch.distributed.is_initialized():
+            if debug_tmp and sys.exc_info()[0] is None:
+                torch.distributed.barrier()  # nobody is still using the debug folder
             torch.distributed.destroy_process_group()
+        if debug_tmp and sb.utils.distributed.if_main_process():
+            import shutil
+
+            shutil.rmtree(debug_tmp, ignore_errors=True)
+
+
+def debug_overrides(hparams, overrides, run_opts):
+    """``--debug``: the yaml overrides that send every output to a debug folder and shorten
+    data preparation and labelling (``Brain.fit`` itself stops after ``--debug_batches``)."""
+    import yaml
+
+    if run_opts.get("debug_persistently"):
+        folder = os.path.join(hparams["output_folder"], "debug")
+    else:  # SpeechBrain's own debug checkpoints go to a temporary folder too
+        folder = tempfile.mkdtemp(prefix="mert_debug_")
+        if torch.distributed.is_initialized():  # every process must use the main process's folder
+            box = [folder]
+            torch.distributed.broadcast_object_list(box, src=0)
+            folder = box[0]
+    values = yaml.safe_load(overrides) if isinstance(overrides, str) and overrides.strip() else dict(overrides or {})
+    values.update(output_folder=folder, max_train_files=DEBUG_FILES["train"], max_valid_files=DEBUG_FILES["valid"],
+                  teacher_fit_files=DEBUG_FILES["train"])
+    if "snapshot_folder" in hparams:
+        values["snapshot_folder"] = ""
+    return values
+
+
+def make_tensorboard_logger(save_dir):
+    """SpeechBrain's ``TensorboardLogger``. Its writer is ``torch.utils.tensorboard``'s, which needs
+    the ``tensorboard`` package; without it, the same logger writes through ``tensorboardX``
+    (the same event files)."""
+    from speechbrain.utils.train_logger import TensorboardLogger
+
+    try:
+        return TensorboardLogger(save_dir)
+    except ImportError:
+        pass
+    try:
+        import tensorboardX
+    except ImportError:
+        raise MERTError("use_tensorboard needs the tensorboard or the tensorboardX package "
+                        "(pip install tensorboardX)") from None
+
+    class TensorboardXLogger(TensorboardLogger):
+        def __init__(self, save_dir):  # TensorboardLogger.__init__ with tensorboardX's writer
+            self.save_dir = save_dir
+            self.writer = tensorboardX.SummaryWriter(save_dir) if sb.utils.distributed.if_main_process() else None
+            self.global_step = {"train": {}, "valid": {}, "test": {}, "meta": 0}
+
+    return TensorboardXLogger(save_dir)
 
 
 def train(hparams, run_opts, datasets):
     brain = MERTBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                       run_opts=run_opts, checkpointer=hparams["checkpointer"])
     brain.label_generator = label_step.online_generator(hparams)
+    if hparams.get("use_tensorboard"):
+        brain.tensorboard = make_tensorboard_logger(hparams["tensorboard_logs"])
     if label_step.teacher_plan(hparams)["offline_codes"]:  # validation then reports the unigram baseline
         objective = hparams["objective"]
         hparams["pretrainer"].set_code_prior(code_counts(

@@ -1,1 +1,0 @@
-"""MERT pretraining recipe: ``python train.py hparams/mert.yaml`` (see README.md)."""

@@ -1,1 +1,0 @@
-"""Clip classification with a frozen MERT encoder under a learnable layer weighting."""
