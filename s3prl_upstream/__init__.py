@@ -20,7 +20,7 @@ import sys
 import warnings
 from typing import List
 
-UPSTREAM_ENTRIES = ("mert", "mert_v1_95m", "mert_v1_330m", "mert_v0")
+UPSTREAM_ENTRIES = ("mert", "mert_local", "mert_v1_95m", "mert_v1_330m", "mert_v0")
 # s3prl downstream name -> our package implementing it (s3prl's downstream/<d>/ layout)
 DOWNSTREAMS = {"music_classification": "s3prl_upstream.music_classification"}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")

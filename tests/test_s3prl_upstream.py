@@ -178,11 +178,7 @@ def test_16khz_model_is_not_resampled(registered, tmp_path, monkeypatch):
     assert got.shape[0] == math.ceil(20000 / 320)
     assert (got[: ref.shape[0]] - ref).abs().max().item() <= 1e-5
     # -u mert_v0 (from the HF cache) normalises the clip as MERT-v0's HF processor does
-    import shutil
-
-    snapshot = tmp_path / "hub" / "models--m-a-p--MERT-v0" / "snapshots" / "0"
-    shutil.copytree(tmp_path / "v0", snapshot)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _offline_hub_cache(monkeypatch, tmp_path / "hub", "m-a-p/MERT-v0", str(tmp_path / "v0"))
     v0 = s3prl.hub.mert_v0().eval()
     x = wav.numpy().astype(np.float64)
     normed = torch.from_numpy(((x - x.mean()) / np.sqrt(x.var() + 1e-7)).astype(np.float32))
@@ -357,23 +353,48 @@ def test_bad_checkpoints_get_clear_errors(registered, tiny_ckpt, tmp_path):
         s3prl.hub.mert_v1_95m(ckpt=tiny_ckpt)
 
 
-def test_release_entries_use_local_hf_cache_only(registered, tiny_ckpt, tmp_path, monkeypatch):
-    import shutil
+def _offline_hub_cache(monkeypatch, cache, repo_id=None, folder=None):
+    """huggingface_hub reading ``cache`` offline: what HF_HUB_CACHE and HF_HUB_OFFLINE=1 set at its
+    import (tests/test_hub.py checks the environment variables themselves in subprocesses)."""
+    from huggingface_hub import constants
+    from test_hub import add_snapshot  # the cache layout huggingface_hub writes
 
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    if repo_id:
+        files = {n: os.path.join(folder, n) for n in os.listdir(folder)}
+        add_snapshot(str(cache), repo_id, "d" * 40, files)
+
+
+def test_release_entries_resolve_through_huggingface_hub(registered, tiny_ckpt, tmp_path, monkeypatch):
     import s3prl.hub
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _offline_hub_cache(monkeypatch, tmp_path / "hub")
     with pytest.raises(CheckpointError) as err:
         s3prl.hub.mert_v1_330m()
     msg = str(err.value)
-    for part in ("m-a-p/MERT-v1-330M", "config.json", "model.safetensors", "pytorch_model.bin",
-                 str(tmp_path / "hub" / "models--m-a-p--MERT-v1-330M"), "-k"):
-        assert part in msg
-    snapshot = tmp_path / "hub" / "models--m-a-p--MERT-v1-95M" / "snapshots" / "abc123"
-    shutil.copytree(tiny_ckpt, snapshot)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    for part in ("-u mert_v1_330m without -k", "m-a-p/MERT-v1-330M", "config.json", "HF_HUB_OFFLINE is set",
+                 str(tmp_path / "hub"), "models--m-a-p--MERT-v1-330M", "-k"):
+        assert part in msg, part
+    with pytest.raises(CheckpointError, match="force_download"):  # -r needs the hub
+        s3prl.hub.mert_v1_95m(refresh=True)
+    _offline_hub_cache(monkeypatch, tmp_path / "hub", "m-a-p/MERT-v1-95M", tiny_ckpt)
     assert s3prl.hub.mert().model.config.hidden_size == 128  # read from the cache, nothing downloaded
+
+
+def test_mert_local_entry(registered, tiny_ckpt, tiny_model):
+    """s3prl's ``_local`` naming: ``-u mert_local -k PATH``; without -k a clear error."""
+    import s3prl.hub
+    from s3prl.nn import S3PRLUpstream
+
+    wav = [_wav(8000, 7)]
+    with torch.no_grad():
+        a = s3prl.hub.mert_local(ckpt=tiny_ckpt).eval()(wav)["hidden_states"]
+        b = s3prl.hub.mert(ckpt=tiny_ckpt).eval()(wav)["hidden_states"]
+    assert len(a) == 5 and all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(CheckpointError, match="-u mert_local needs -k"):
+        s3prl.hub.mert_local()
+    assert "mert_local" in S3PRLUpstream.available_names()
 
 
 def test_model_config_flag_and_speechbrain_folder(registered, tiny_ckpt, tiny_model, tmp_path):
@@ -647,3 +668,44 @@ def test_runner_user_errors_are_one_line(tmp_path, clip_corpus):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "refused to load" in r.stderr.strip().splitlines()[-1] and "posix.system" in r.stderr
     assert not os.path.exists("/tmp/_mert_s3prl_pwned")
+
+
+# ----------------------------------------------- s3prl's sample_hidden_states check
+SAMPLE_HS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_hidden_states")
+S3PRL_ATOL, S3PRL_MAX_LENGTH_DIFF = 0.01, 3  # s3prl test/test_upstream.py's ATOL and MAX_LENGTH_DIFF
+
+
+def test_sample_hidden_states_like_s3prl_upstream_test(registered, tmp_path):
+    """s3prl compares every upstream with stored hidden states (``sample_hidden_states/<name>.pt``,
+    the list ``S3PRLUpstream(name)`` returns for ``get_pseudo_wavs(seed=0, padded=True)``). The same
+    check for ``mert_local`` on the seeded mert-tiny: the stored file was computed with
+    transformers.HubertModel, not with this package (tests/data/sample_hidden_states/generate.py)."""
+    import importlib.util
+
+    from s3prl.nn import S3PRLUpstream
+    from s3prl.util.pseudo_data import get_pseudo_wavs
+
+    spec = importlib.util.spec_from_file_location("sample_hs_generate", os.path.join(SAMPLE_HS, "generate.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    stored = torch.load(os.path.join(SAMPLE_HS, "mert_local.pt"), map_location="cpu", weights_only=True)
+    folder = gen.tiny_folder(str(tmp_path / "mert_tiny"))
+    # The reference is still what HubertModel gives on the seeded weights (else: regenerate it).
+    for ref, fresh in zip(stored, gen.reference_hidden_states(folder), strict=True):
+        torch.testing.assert_close(fresh, ref, atol=1e-5, rtol=0)
+
+    model = S3PRLUpstream("mert_local", path_or_url=folder).eval()
+    with torch.no_grad():
+        wavs, wavs_len = get_pseudo_wavs(seed=0, padded=True)
+        hs, hs_len = model(wavs, wavs_len)
+        assert len(hs) == len(stored) == 5
+        for h, ref in zip(hs, stored):
+            assert abs(h.size(1) - ref.size(1)) <= S3PRL_MAX_LENGTH_DIFF
+            t = min(h.size(1), ref.size(1))
+            assert torch.allclose(h[:, :t], ref[:, :t], atol=S3PRL_ATOL)
+            torch.testing.assert_close(h[:, :t], ref[:, :t], atol=1e-4, rtol=0)  # far inside s3prl's tolerance
+        again, _ = model(wavs, wavs_len)  # eval mode is deterministic
+        assert all(torch.equal(a, b) for a, b in zip(hs, again))
+    model.train()
+    more, _ = model(*get_pseudo_wavs(seed=1, padded=True))
+    assert len(more) == len(hs)  # same number of layers in train mode
