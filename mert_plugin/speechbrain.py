@@ -4,7 +4,7 @@
 convention ``forward(wav, wav_lens)``, so any SpeechBrain yaml can use it::
 
     encoder: !new:mert_plugin.speechbrain.MERTEncoder
-        source: path/to/MERT-v1-95M        # HF folder, fairseq .pt, recipe CKPT folder, cached hub id
+        source: path/to/MERT-v1-95M        # HF folder, fairseq .pt, recipe CKPT folder, hub id (huggingface_hub)
         freeze: True
         output_all_hiddens: True           # -> [L+1, B, T, D]
         layers: [4, 5, 6]                  # optional subset of hidden states
@@ -19,8 +19,8 @@ It takes the yaml arguments of SpeechBrain 1.1's own MERT lobe
 yaml written for that lobe works by swapping the class name. That lobe loads
 MERT-v1 through ``transformers`` with ``trust_remote_code=True`` (the hub's
 ``modeling_MERT.py``, written for transformers 4.x); this one executes no code
-from the model repo, runs on current ``transformers``-free torch with
-``scaled_dot_product_attention``, and reads fairseq and recipe checkpoints too.
+from the model repo, needs no ``transformers`` (whatever its version), runs attention through
+``scaled_dot_product_attention`` and reads fairseq and recipe checkpoints too.
 Where the two differ, MERT's semantics are kept (see the class docstring).
 
 :func:`save_inference_files` writes ``hyperparams.yaml`` + ``encoder.ckpt``
