@@ -1,0 +1,185 @@
+"""mert-extract's compute paths side by side: seconds of audio per second, and the accuracy of each fast mode.
+
+In one process, on one clip (default 30 s), with the same random MERT weights (default MERT-v1-95M geometry)
+and the same thread count (default 2), candidates run in turn, round after round:
+
+* ``hf fp32``: ``transformers.HubertModel`` (from our ``save_pretrained``), whole clip, all hidden states;
+* ``torch fp32``: mert-extract's torch backend (default 30 s windows: a 30 s clip is one pass);
+* ``onnx fp32``: mert-extract's onnx backend on a dynamic-length graph (``--length dynamic``);
+* ``onnx fp32 5s-fixed`` (``--with-fixed``): the fixed 5 s graph that Essentia's OnnxPredict needs (1 s overlaps);
+* fast modes: ``torch bf16`` (autocast), ``onnx fp16`` and ``onnx int8`` (``--quantize``).
+
+Accuracy of every mode against ``torch fp32`` on the clip: per hidden state, the cosine similarity of each
+frame; printed are the lowest per-layer mean and the lowest single frame. The contract a fast mode must meet
+to be offered as a default: every hidden state's mean frame cosine >= ``CONTRACT`` (0.99, the int8 export
+gate). "Real signal": pass recordings with ``--audio`` (concatenated and cut to ``--seconds``); without it the
+clip is a synthetic chord progression.
+
+    .venv/bin/python bench/extract_speed.py --workdir W [--audio a.wav b.wav ...] [--threads 2] [--repeats 3]
+        [--modes hf,torch,onnx,bf16,fp16,int8] [--with-fixed] [--device cpu|cuda]
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from _common import alternate, load_average, machine_line, timed
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SR = 24000
+CONTRACT = 0.99
+
+
+def synthetic(seconds, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    roots = np.array([220.0, 174.6, 261.6, 196.0])[(t // 2).astype(int) % 4]
+    x = sum(0.15 * np.sin(2 * np.pi * roots * r * t) for r in (1.0, 1.26, 1.5)) + 0.01 * rng.standard_normal(t.size)
+    return x.astype(np.float32)
+
+
+def load_clip(paths, seconds):
+    from mert_plugin import load_audio
+
+    if not paths:
+        return synthetic(seconds), "synthetic chord progression"
+    parts, total = [], 0
+    while total < seconds * SR:
+        for p in paths:
+            parts.append(load_audio(p, SR).numpy())
+            total += parts[-1].shape[0]
+    return np.concatenate(parts)[:int(seconds * SR)], f"{len(paths)} recordings concatenated"
+
+
+def encode_track(backend, wav):
+    """What mert-extract does with one track, minus decoding and writing: its windows, the
+    Extractor's batching, stitched -> [L, frames, D]."""
+    from extractors.cli import Extractor
+    from mert_plugin.extract import plan_windows
+
+    plan = plan_windows(wav.shape[0], backend.window, backend.overlap, backend.hop, backend.rf)
+    out = np.empty((len(backend.layers), plan[-1].keep_end, backend.dim), dtype=np.float32)
+    sizer = Extractor(backend, "", None, "none", np.float32, 64, None,
+                      batch_samples=max(backend.window, 30 * SR) if str(backend.device) == "cpu" else 600 * SR)
+    windows = [wav[w.sample_start:w.sample_end] for w in plan]
+    for group in sizer.sub_batches([x.shape[0] for x in windows]):
+        states = backend.encode([windows[i] for i in group])
+        for b, i in enumerate(group):
+            w = plan[i]
+            out[:, w.keep_start:w.keep_end] = states[b, :, w.keep_start - w.frame_offset:w.keep_end - w.frame_offset]
+    return out
+
+
+def cosines(got, ref):
+    from extractors.export_onnx import frame_cosines
+
+    cos = frame_cosines(got, ref)  # [L, T]
+    return float(cos.mean(-1).min()), float(cos.min())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="mert-v1-95m")
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--clips", type=int, default=1,
+                    help="throughput: a track of CLIPS x SECONDS, whose windows share model calls (GPU: use many)")
+    ap.add_argument("--audio", nargs="*", default=[], help="recordings to use as the clip (real signal)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="hf,torch,onnx,bf16,fp16,int8")
+    ap.add_argument("--with-fixed", action="store_true", help="also the fixed 5 s graph (Essentia's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: torch modes only, plus onnx if "
+                                                   "onnxruntime-gpu is installed)")
+    ap.add_argument("--workdir", help="keep exports here (default: a temp folder)")
+    args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    torch.set_num_threads(args.threads)
+
+    import onnxruntime
+    import transformers
+
+    from extractors.cli import OnnxBackend, TorchBackend
+    from extractors.export_onnx import export_onnx
+    from extractors.onnx_model import OnnxMERT
+    from mert_plugin import MERTModel
+
+    print(machine_line(onnxruntime=onnxruntime.__version__, transformers=transformers.__version__,
+                       device=args.device, threads=args.threads))
+    work = args.workdir or tempfile.mkdtemp(prefix="mert-extract-bench-")
+    os.makedirs(work, exist_ok=True)
+    model = MERTModel.from_preset(args.preset, seed=0).eval()
+    layers = list(range(model.config.num_hidden_states))
+    src = f"preset {args.preset} (random weights, seed 0)"
+
+    def graph(name, **kw):
+        path = os.path.join(work, f"{args.preset}-{name}.onnx")
+        if not os.path.exists(path):
+            secs, _, meta = timed(lambda: export_onnx(model, path, source=src, **kw))
+            acc = meta["export"].get("accuracy_vs_fp32")
+            gate = f", gate min layer-mean cosine {min(acc['layer_mean_cosine']):.5f}" if acc else ""
+            print(f"export {name}: {secs:.0f} s, {os.path.getsize(path) / 2**20:.0f} MiB{gate}")
+        return OnnxBackend(OnnxMERT(path, num_threads=args.threads, device=args.device), layers, SR)
+
+    clip, what = load_clip(args.audio, args.seconds * args.clips)
+    total = clip.shape[0] / SR
+    wav = torch.from_numpy(clip)[None]
+    candidates = {}
+    if "hf" in modes:
+        from transformers import HubertModel
+
+        hf_dir = os.path.join(work, "hf")
+        if not os.path.exists(os.path.join(hf_dir, "config.json")):
+            model.save_pretrained(hf_dir)
+        hf = HubertModel.from_pretrained(hf_dir).eval().to(args.device)
+
+        def run_hf():
+            with torch.inference_mode():
+                states = hf(wav.to(args.device), output_hidden_states=True).hidden_states
+                return torch.stack(states, 1)[0].float().cpu().numpy()
+
+        candidates["hf fp32"] = run_hf
+    backends = {}
+    if "torch" in modes or "bf16" in modes:
+        backends["torch fp32"] = TorchBackend(model, layers, 30 * SR, SR, device=args.device)
+    if "bf16" in modes:
+        backends["torch bf16"] = TorchBackend(model, layers, 30 * SR, SR, device=args.device, precision="bf16")
+    if "onnx" in modes:
+        backends["onnx fp32"] = graph("dynamic", length="dynamic")
+    if args.with_fixed:
+        backends["onnx fp32 5s-fixed"] = graph("fixed5s")
+    if "fp16" in modes:
+        backends["onnx fp16"] = graph("dynamic-fp16", length="dynamic", quantize="fp16")
+    if "int8" in modes:
+        backends["onnx int8"] = graph("dynamic-int8", length="dynamic", quantize="int8")
+    for name, backend in backends.items():
+        candidates[name] = (lambda b: (lambda: encode_track(b, clip)))(backend)
+
+    # Warm-up, which is also the accuracy run.
+    outputs = {name: fn() for name, fn in candidates.items()}
+    ref = outputs.get("torch fp32")
+    load = load_average()
+    timings = alternate(candidates, args.repeats, device=args.device)
+    base = timings.median("hf fp32") if "hf fp32" in candidates else None
+    print(f"\n== {total:g} s clip ({what}), {args.threads} threads, {args.device}, median of {args.repeats} "
+          f"runs after 1 warm-up; load before {load}, after {load_average()} ==")
+    print(f"{'mode':20s} {'median s':>9s} {'audio s/s':>10s} {'vs hf fp32':>10s} {'CPU s':>7s}  "
+          f"{'min layer-mean cos':>18s} {'min frame cos':>13s}  contract")
+    for name in candidates:
+        med = timings.median(name)
+        ratio = f"{base / med:9.2f}x" if base else "        -"
+        if ref is not None and name != "torch fp32":
+            mean_cos, min_cos = cosines(outputs[name], ref)
+            acc = f"{mean_cos:18.6f} {min_cos:13.6f}  " + ("meets" if mean_cos >= CONTRACT else "FAILS")
+        else:
+            acc = f"{'(reference)':>18s} {'':13s}"
+        print(f"{name:20s} {med:9.2f} {total / med:10.2f} {ratio} {timings.median_cpu(name):7.2f}  {acc}"
+              f"   runs {timings.runs(name)}")
+    if ref is not None and "hf fp32" in outputs:
+        print(f"check: hf fp32 vs torch fp32 max|diff| = {np.abs(outputs['hf fp32'] - ref).max():.2e}")
+
+
+if __name__ == "__main__":
+    main()
