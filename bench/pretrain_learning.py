@@ -16,6 +16,7 @@ The CQT of every training clip is computed once and cached in ``CORPUS/.cache/be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import os
 import sys
@@ -44,17 +45,23 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=60, help="linear warm-up updates, then linear decay to 0")
     ap.add_argument("--batch", type=int, default=4, help="clips per batch")
     ap.add_argument("--crop", type=float, default=2.0, help="crop seconds (a batch is cut to its shortest clip)")
-    ap.add_argument("--teacher", choices=["cqt-kmeans", "none"], default="cqt-kmeans")
+    ap.add_argument("--teacher", choices=["cqt-kmeans", "pitch-labels", "none"], default="cqt-kmeans",
+                    help="pitch-labels: a supervised ceiling, not pretraining (every frame's code is its clip's "
+                         "MIDI pitch; trains on the pitch task's training clips only)")
     ap.add_argument("--clusters", type=int, default=128)
+    ap.add_argument("--code-spectrum", choices=["db", "linear"], default="db", help="cqt-kmeans features")
     ap.add_argument("--cqt-target", choices=["linear", "linear-frame", "db", "db-frame", "none"], default="db-frame")
     ap.add_argument("--feature-penalty", type=float, default=0.0, help="MERT: 10")
     ap.add_argument("--feature-grad-mult", type=float, default=1.0, help="MERT 95M: 0.1; 0 freezes the stem")
     ap.add_argument("--pred-nomask", type=float, default=0.0)
     ap.add_argument("--mixture", type=float, default=0.5, help="in-batch noise mixture probability")
     ap.add_argument("--probe-every", type=int, default=0, help="also probe every N updates")
+    ap.add_argument("--conv-dim", type=int, default=0, help="stem channels (0: the preset's, 64)")
+    ap.add_argument("--mask-prob", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
     ap.add_argument("--out", help="write the settings, losses and probe results here (JSON)")
+    ap.add_argument("--save-model", help="save the trained student here (save_pretrained folder)")
     return ap.parse_args(argv)
 
 
@@ -90,6 +97,14 @@ def probe(model, corpus: Path):
                   for l in range(x.shape[1])]
         out[task] = {"layers": layers, "all_layers": logistic_score(x[train], y[train], x[~train], y[~train]),
                      "effective_rank": feature_geometry(x[train])["effective_rank"]}
+        if task == "pitch":  # the same instruments on both sides: half of the training clips -> the other half
+            xs, ys = x[train], y[train]
+            half = np.random.default_rng(0).permutation(len(ys)) % 2 == 0
+            out["pitch-seen"] = {
+                "layers": [logistic_score(xs[half][:, l:l + 1], ys[half], xs[~half][:, l:l + 1], ys[~half], c=1.0)
+                           for l in range(xs.shape[1])],
+                "all_layers": logistic_score(xs[half], ys[half], xs[~half], ys[~half]),
+                "effective_rank": out[task]["effective_rank"]}
     return out
 
 
@@ -103,7 +118,8 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     corpus = Path(args.corpus)
-    paths = sorted({r["path"] for t in ("pitch", "instrument", "composer", "key") if (corpus / f"{t}.csv").is_file()
+    tasks = ("pitch",) if args.teacher == "pitch-labels" else ("pitch", "instrument", "composer", "key")
+    paths = sorted({r["path"] for t in tasks if (corpus / f"{t}.csv").is_file()
                     for r in read_rows(corpus, t) if r["split"] == "train"})
     audio = [load_audio(str(corpus / p), 24000) for p in paths]
     print(f"{len(audio)} training clips, {sum(a.numel() for a in audio) / 24000 / 60:.1f} min", flush=True)
@@ -111,19 +127,28 @@ def main(argv=None):
     cqts = clip_cqts(corpus, paths, cqt_teacher)
     codes = None
     if args.teacher == "cqt-kmeans":
-        teacher = CQTKMeansTeacher(args.clusters, 1, seed=args.seed, cqt=cqt_teacher)
+        teacher = CQTKMeansTeacher(args.clusters, 1, seed=args.seed, cqt=cqt_teacher, spectrum=args.code_spectrum)
         teacher.fit_features(torch.cat([teacher.features_from_cqt(c[None])[0] for c in cqts]))
         codes = [teacher.codes_from_cqt(c[None])[0] for c in cqts]  # [1, T] each
+    elif args.teacher == "pitch-labels":
+        midi = {r["path"]: int(r["label"]) for r in read_rows(corpus, "pitch")}
+        codes = [torch.full((1, c.shape[0]), midi[p], dtype=torch.long) for p, c in zip(paths, cqts)]
 
     torch.manual_seed(args.seed)
     student = MERTModel.from_preset("mert-tiny", seed=args.seed)
+    if args.conv_dim:
+        config = dataclasses.replace(student.config, conv_dim=[args.conv_dim] * len(student.config.conv_dim))
+        torch.manual_seed(args.seed)
+        student = MERTModel(config)
+        student.reset_parameters()
     results = {"settings": vars(args), "random_init": probe(student, corpus), "log": [], "probes": {}}
     show("random", results["random_init"])
     config = ObjectiveConfig(num_codebooks=1, codebook_size=args.clusters, final_dim=32,
                              use_acoustic=codes is not None, use_cqt=args.cqt_target != "none",
                              cqt_target=args.cqt_target if args.cqt_target != "none" else "linear",
                              feature_penalty_weight=args.feature_penalty, feature_grad_mult=args.feature_grad_mult,
-                             pred_nomask_weight=args.pred_nomask, mixture_prob=args.mixture)
+                             pred_nomask_weight=args.pred_nomask, mixture_prob=args.mixture,
+                             mask_prob=args.mask_prob)
     trainer = MERTPretrainer(student, config).train()
     opt = torch.optim.AdamW(trainer.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
@@ -149,7 +174,7 @@ def main(argv=None):
         results["log"].append({k: float(v) for k, v in out.terms.items() if not k[-1].isdigit()})
         if step % 100 == 0 or step == args.updates:
             recent = results["log"][-100:]
-            means = {k: np.mean([r[k] for r in recent]) for k in ("loss", "acoustic_ce", "acoustic_acc", "cqt_mse")
+            means = {k: np.mean([r[k] for r in recent]) for k in ("loss", "acoustic_ce", "acoustic_acc", "cqt_mse", "unmasked_acoustic_acc")
                      if k in recent[-1]}
             print(f"update {step} ({time.perf_counter() - t0:.0f} s) " + " ".join(f"{k} {v:.4g}" for k, v in means.items()),
                   flush=True)
@@ -157,6 +182,8 @@ def main(argv=None):
             results["probes"][step] = probe(student, corpus)
             show(f"u{step}", results["probes"][step])
             trainer.train()
+    if args.save_model:
+        student.save_pretrained(args.save_model)
     results["probes"][args.updates] = probe(student, corpus)
     show("trained", results["probes"][args.updates])
     if args.out:

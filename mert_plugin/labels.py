@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-clusters", type=int, help="codes per codebook of the k-means teachers "
                                                    "(default: 500 mfcc-kmeans, 128 cqt-kmeans)")
     p.add_argument("--num-codebooks", type=int, default=1, help="codebooks of the cqt-kmeans teacher (default 1)")
+    p.add_argument("--cqt-spectrum", choices=("db", "linear"), default="db",
+                   help="cqt-kmeans features: each frame's semitone spectrum in dB (default) or linear, re its peak")
     p.add_argument("--seed", type=int, default=0, help="seed of the fitted teacher")
     p.add_argument("--no-cqt", action="store_true", help="write codes only")
     p.add_argument("--max-seconds", type=float, help="report files longer than this as failed instead of "
@@ -321,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
     generator = LabelGenerator.from_spec(args.teacher, encodec_checkpoint=args.encodec_checkpoint,
                                          use_cqt=not args.no_cqt, teacher_state=args.teacher_state,
                                          seed=args.seed, num_clusters=args.num_clusters,
-                                         num_codebooks=args.num_codebooks)
+                                         num_codebooks=args.num_codebooks, cqt_spectrum=args.cqt_spectrum)
     if needs_state and not generator.ready:
         if not args.fit:
             raise MERTError(f"{args.teacher_state}: no such teacher state; run once with --fit to create it")

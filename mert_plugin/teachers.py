@@ -452,7 +452,9 @@ class CQTKMeansTeacher(_CentroidState, nn.Module):
     frame grid. Each frame is the reference CQT (:class:`CQTTeacher`) in dB re the frame's
     own loudest bin (its spectral shape; ``per_frame=False``: re the clip's loudest bin, which
     keeps the frame's level; see :func:`db_spectrum`), averaged to 84 semitone bins (C1-B7),
-    with silent frames all zeros. Codebook k
+    with silent frames all zeros; ``spectrum="linear"``: the frame's linear magnitudes over its
+    loudest bin instead of dB, whose codes name the sounding pitches far more than the timbre
+    (docs/LEARNING.md). Codebook k
     clusters what books < k left unexplained. A MERT-v0-style *musical* teacher for
     corpora too small for codec codes: its codes are stable while a chord or note lasts
     (so they can be predicted from context) and name pitch content and timbre. It is
@@ -462,22 +464,38 @@ class CQTKMeansTeacher(_CentroidState, nn.Module):
     sample_rate = 24000
     bins_per_semitone = 4  # the reference CQT has 48 bins per octave
 
+    SPECTRA = ("db", "linear")
+
     def __init__(self, num_clusters: int = 128, num_codebooks: int = 1, seed: int = 0,
-                 cqt: Optional["CQTTeacher"] = None, per_frame: bool = True):
+                 cqt: Optional["CQTTeacher"] = None, per_frame: bool = True, spectrum: str = "db"):
         super().__init__()
         if num_clusters < 2 or num_codebooks < 1:
             raise MERTError(f"cqt-kmeans needs >= 2 clusters and >= 1 codebook, got {num_clusters}, {num_codebooks}")
+        if spectrum not in self.SPECTRA:
+            raise MERTError(f"cqt-kmeans spectrum must be one of {list(self.SPECTRA)}, got {spectrum!r}")
+        if spectrum == "linear" and not per_frame:
+            raise MERTError("cqt-kmeans: the linear spectrum is per frame only (a clip-level linear scale keeps the level)")
         self.codebook_size, self.num_codebooks, self.seed = num_clusters, num_codebooks, seed
-        self.per_frame = per_frame
+        self.per_frame, self.spectrum = per_frame, spectrum
         self.cqt = cqt if cqt is not None else CQTTeacher(self.sample_rate)
         self.dim = self.cqt.n_bins // self.bins_per_semitone
         self.register_buffer("centroids", torch.zeros(num_codebooks, num_clusters, self.dim))
         self.fitted = False
 
     def features_from_cqt(self, cqt: Tensor) -> Tensor:
-        """[B, T, 336] linear CQT -> [B, T, 84] level-free semitone spectrum."""
-        db = db_spectrum(cqt.float(), per_frame=self.per_frame)
-        return db.view(db.shape[0], db.shape[1], self.dim, self.bins_per_semitone).mean(-1)
+        """[B, T, 336] linear CQT -> [B, T, 84] level-free semitone spectrum (dB or linear)."""
+        x = shape_spectrum(cqt.float()) if self.spectrum == "linear" else db_spectrum(cqt.float(), per_frame=self.per_frame)
+        return x.view(x.shape[0], x.shape[1], self.dim, self.bins_per_semitone).mean(-1)
+
+    def state_tensors(self) -> dict:
+        return {**super().state_tensors(), "spectrum": torch.tensor([self.SPECTRA.index(self.spectrum)])}
+
+    def load_tensors(self, tensors: dict, source: str) -> None:
+        saved = self.SPECTRA[int(tensors["spectrum"][0])] if "spectrum" in tensors else "db"  # states before it: dB
+        if saved != self.spectrum:
+            raise CheckpointError(f"{source}: the cqt-kmeans state was fitted on the {saved!r} spectrum, this teacher "
+                                  f"uses {self.spectrum!r} (set the same cqt_spectrum, or refit)")
+        super().load_tensors(tensors, source)
 
     def codes_from_cqt(self, cqt: Tensor) -> Tensor:
         """[B, T, 336] linear CQT (of the whole clip) -> codes [B, K, T] long."""
@@ -547,7 +565,7 @@ class LabelGenerator(nn.Module):
     @classmethod
     def from_spec(cls, acoustic: str = "encodec", encodec_checkpoint: Optional[str] = None, use_cqt: bool = True,
                   teacher_state: Optional[str] = None, seed: int = 0, num_clusters: Optional[int] = None,
-                  num_codebooks: int = 1) -> "LabelGenerator":
+                  num_codebooks: int = 1, cqt_spectrum: str = "db") -> "LabelGenerator":
         """Build the teachers.
 
         acoustic: ``"encodec"`` (official EnCodec weights, MERT-v1), ``"fitted"``
@@ -558,7 +576,8 @@ class LabelGenerator(nn.Module):
         teacher_state: for the fitted kinds (``FITTABLE_KINDS``), a state file written by
             :meth:`save_state`; loaded when it exists (otherwise call :meth:`fit`).
         num_clusters: codes per codebook of the k-means teachers (default 500 for
-            ``mfcc-kmeans``, 128 for ``cqt-kmeans``); num_codebooks: ``cqt-kmeans`` only.
+            ``mfcc-kmeans``, 128 for ``cqt-kmeans``); num_codebooks, cqt_spectrum (``"db"`` or
+            ``"linear"``, see :class:`CQTKMeansTeacher`): ``cqt-kmeans`` only.
         """
         if acoustic not in ACOUSTIC_KINDS:
             raise MERTError(f"unknown acoustic teacher {acoustic!r}; choose one of {list(ACOUSTIC_KINDS)}")
@@ -570,7 +589,7 @@ class LabelGenerator(nn.Module):
         elif acoustic == "mfcc-kmeans":
             teacher = MFCCKMeansTeacher(num_clusters or 500, sample_rate, seed)
         elif acoustic == "cqt-kmeans":
-            teacher = CQTKMeansTeacher(num_clusters or 128, num_codebooks, seed)
+            teacher = CQTKMeansTeacher(num_clusters or 128, num_codebooks, seed, spectrum=cqt_spectrum)
         else:
             teacher = None
         if teacher is None and not use_cqt:

@@ -11,6 +11,7 @@ import torch
 from mert_plugin import MERTConfig
 from mert_plugin.errors import CheckpointError, MERTError
 from mert_plugin.teachers import (ENCODEC_CHECKPOINT, CQTKMeansTeacher, CQTTeacher, LabelGenerator, MFCCKMeansTeacher,
+                                  shape_spectrum,
                                   build_encodec_24khz)
 
 
@@ -298,3 +299,37 @@ def test_cqt_kmeans_codes_are_stable_in_a_note_level_free_and_name_the_pitch(tmp
         LabelGenerator.from_spec("cqt-kmeans", use_cqt=False, teacher_state=state, num_clusters=16)
     with pytest.raises(MERTError, match="too few"):
         CQTKMeansTeacher(num_clusters=64).fit([_held_note(60, 0.2)])
+
+
+def _bright_note(midi: int, seconds: float = 3.0, sr: int = 24000) -> torch.Tensor:
+    """The same pitch as _held_note with another timbre: 8 equal harmonics, odd ones louder."""
+    t = torch.arange(int(seconds * sr)) / sr
+    f0 = 440.0 * 2 ** ((midi - 69) / 12)
+    return sum(torch.sin(2 * math.pi * f0 * h * t) * (1.0 if h % 2 else 0.5) for h in range(1, 9)).float() * 0.1
+
+
+def test_cqt_kmeans_linear_spectrum_codes_name_the_pitch_across_timbres(tmp_path):
+    pitches = (48, 55, 60, 67, 72)
+    notes = [(m, f(m, 3.0)) for m in pitches for f in (_held_note, _bright_note)]
+    gen = LabelGenerator.from_spec("cqt-kmeans", use_cqt=False, num_clusters=5, seed=0, cqt_spectrum="linear")
+    assert gen.acoustic.spectrum == "linear"
+    gen.fit([w for _, w in notes], iters=20)
+    majority = {}
+    for m, wav in notes:
+        inner = gen(wav[None])[0][0, 0, 75:-75]
+        values, counts = inner.unique(return_counts=True)
+        majority.setdefault(m, []).append(int(values[counts.argmax()]))
+    assert sum(a == b for a, b in majority.values()) >= 4  # both timbres of a pitch share its code
+    assert len({v[0] for v in majority.values()}) >= 4  # and the pitches differ
+    cqt = gen.acoustic.cqt(notes[0][1][None])
+    feats = gen.acoustic.features_from_cqt(cqt)
+    torch.testing.assert_close(feats, shape_spectrum(cqt).view(1, -1, 84, 4).mean(-1))
+    state = str(tmp_path / "linear.safetensors")
+    gen.save_state(state)
+    again = LabelGenerator.from_spec("cqt-kmeans", use_cqt=False, teacher_state=state, num_clusters=5,
+                                     cqt_spectrum="linear")
+    assert torch.equal(again(notes[3][1][None])[0], gen(notes[3][1][None])[0])
+    with pytest.raises(CheckpointError, match="'linear' spectrum"):  # a dB teacher must not read linear centroids
+        LabelGenerator.from_spec("cqt-kmeans", use_cqt=False, teacher_state=state, num_clusters=5)
+    with pytest.raises(MERTError, match="spectrum"):
+        CQTKMeansTeacher(spectrum="log")
