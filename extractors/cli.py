@@ -458,6 +458,16 @@ def resolve_device(spec: str, backend: str) -> str:
     return f"cuda:{local_rank % torch.cuda.device_count()}"
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 / AMX); without them bf16 is slow."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def parse_shard(spec: Optional[str]) -> Optional[tuple]:
     if spec is None:
         return None
@@ -536,6 +546,9 @@ def load_backend(args, window_seconds: Optional[float]):
     precision = precision or "fp32"
     if precision == "fp16" and device == "cpu":
         raise MERTError("--precision fp16 needs a GPU (torch has no fast fp16 kernels on the CPU); use bf16 or fp32")
+    if precision == "bf16" and device == "cpu" and not cpu_has_bf16():
+        print("warning: this CPU has no bf16 units (AVX512-BF16 or AMX): --precision bf16 runs on slow fallback "
+              "kernels here, many times slower than fp32", file=sys.stderr)
     model = MERTModel.from_preset(args.preset, seed=args.seed) if args.preset else MERTModel.from_pretrained(args.model)
     sr = model.sample_rate
     window = int(round((window_seconds or DEFAULT_WINDOW_SECONDS) * sr))

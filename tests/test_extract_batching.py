@@ -130,6 +130,7 @@ def test_bf16_on_cpu_is_close_to_fp32_and_recorded(models, music, tmp_path, caps
     rc, err = _run([str(music), "--model", models["hf"], "--output-dir", str(out), "--device", "cpu",
                     "--precision", "bf16", "--batch-seconds", "60"], capsys)
     assert rc == 0, err
+    assert ("no bf16 units" in err) == (not cli.cpu_has_bf16())  # warned where bf16 is a slow fallback
     for name in LENGTHS:
         got = np.load(out / (os.path.splitext(name)[0] + ".npy"))
         ref = _reference(model, music / name)
