@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 SR = 24000
 CONTRACT = 0.99
+FAST_MODES = ("torch bf16", "onnx fp16", "onnx int8")
 SLOW_FACTOR = 4.0  # a mode whose warm-up takes this many times the median warm-up is timed once
 
 
@@ -185,7 +186,9 @@ def main():
         ratio = f"{base / med:9.2f}x" if base else "        -"
         if ref is not None and name != "torch fp32":
             mean_cos, min_cos = cosines(outputs[name], ref)
-            acc = f"{mean_cos:18.6f} {min_cos:13.6f}  " + ("meets" if mean_cos >= CONTRACT else "FAILS")
+            verdict = ("meets" if mean_cos >= CONTRACT else "FAILS") if name in FAST_MODES else \
+                "  -  "  # not a fast mode: an fp32 path (the fixed graph's 5 s windows see less context)
+            acc = f"{mean_cos:18.6f} {min_cos:13.6f}  {verdict}"
         else:
             acc = f"{'(reference)':>18s} {'':13s}"
         runs = "1 run (its warm-up): too slow to repeat" if name in slow else f"runs {timings.runs(name)}"
