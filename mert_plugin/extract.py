@@ -56,7 +56,9 @@ def plan_windows(num_samples: int, window: int, overlap: int, hop: int = 320,
     per_window = _frames(window, hop, receptive_field)
     if num_samples <= window or total <= per_window:
         return [Window(0, num_samples, 0, 0, total)]
-    step = max(1, (window - overlap) // hop)  # frames between window starts
+    # frames between window starts; never more than a window's frames: with no overlap, a window of
+    # 120,000 samples steps 375 frames but computes 374, and the frame between would be lost
+    step = max(1, min((window - overlap) // hop, per_window))
     last = total - per_window
     starts = list(range(0, last, step)) + [last]
     windows = []

@@ -133,7 +133,7 @@ def test_window_and_overlap_options(models, music, tmp_path):
 def test_streaming_windows_equal_plan_windows():
     """The streamed windows are exactly plan_windows' for any length and chunking."""
     rng = random.Random(0)
-    for window, overlap in ((120000, 24000), (4000, 1000), (2000, 0), (1000, 990)):
+    for window, overlap in ((120000, 24000), (4000, 1000), (2000, 0), (1000, 990), (120000, 0)):
         for _ in range(150):
             n = rng.randint(400, rng.choice([3, 30]) * window)
             x = np.arange(n, dtype=np.float32)
