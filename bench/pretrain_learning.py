@@ -49,6 +49,8 @@ def parse_args(argv=None):
                     help="pitch-labels: a supervised ceiling, not pretraining (every frame's code is its clip's "
                          "MIDI pitch; trains on the pitch task's training clips only)")
     ap.add_argument("--clusters", type=int, default=128)
+    ap.add_argument("--fit-files", type=int, default=0,
+                    help="fit the k-means on this many evenly spread training clips (0: all; the recipe: 64)")
     ap.add_argument("--code-spectrum", choices=["db", "linear"], default="db", help="cqt-kmeans features")
     ap.add_argument("--cqt-target", choices=["linear", "linear-frame", "db", "db-frame", "none"], default="db-frame")
     ap.add_argument("--feature-penalty", type=float, default=0.0, help="MERT: 10")
@@ -128,7 +130,9 @@ def main(argv=None):
     codes = None
     if args.teacher == "cqt-kmeans":
         teacher = CQTKMeansTeacher(args.clusters, 1, seed=args.seed, cqt=cqt_teacher, spectrum=args.code_spectrum)
-        teacher.fit_features(torch.cat([teacher.features_from_cqt(c[None])[0] for c in cqts]))
+        fit = cqts if not args.fit_files else [cqts[round(i * len(cqts) / args.fit_files)]
+                                                 for i in range(min(args.fit_files, len(cqts)))]
+        teacher.fit_features(torch.cat([teacher.features_from_cqt(c[None])[0] for c in fit]))
         codes = [teacher.codes_from_cqt(c[None])[0] for c in cqts]  # [1, T] each
     elif args.teacher == "pitch-labels":
         midi = {r["path"]: int(r["label"]) for r in read_rows(corpus, "pitch")}
