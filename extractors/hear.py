@@ -33,7 +33,7 @@ from .onnx_model import OnnxMERT, normalise_layers
 
 INPUT_SAMPLE_RATE = 48000
 DEFAULT_MODEL_ENV = "MERT_HEAR_MODEL"
-DEFAULT_MODEL = "m-a-p/MERT-v1-95M"  # used only if already in the local Hugging Face cache
+DEFAULT_MODEL = "m-a-p/MERT-v1-95M"  # resolved as transformers does (download, or the HF cache offline)
 
 
 class HEARModel(nn.Module):
@@ -82,10 +82,10 @@ def load_model(model_file_path: str = "", layer: int = -1, num_threads: int = 0)
     """Load MERT for HEAR.
 
     ``model_file_path``: a ``.onnx`` graph from ``mert-export-onnx``, anything
-    :meth:`MERTModel.from_pretrained` reads (HF folder, cached hub id, fairseq
+    :meth:`MERTModel.from_pretrained` reads (HF folder, hub id, fairseq
     ``.pt``, SpeechBrain checkpoint folder), or ``preset:NAME`` for random
-    weights (tests). Empty: ``$MERT_HEAR_MODEL``, else ``m-a-p/MERT-v1-95M`` from
-    the local Hugging Face cache (nothing is downloaded).
+    weights (tests). Empty: ``$MERT_HEAR_MODEL``, else ``m-a-p/MERT-v1-95M`` through
+    ``huggingface_hub`` (downloaded when online; the cache offline or with ``HF_HUB_OFFLINE=1``).
     """
     path = model_file_path or os.environ.get(DEFAULT_MODEL_ENV, "") or DEFAULT_MODEL
     if str(path).endswith(".onnx"):
