@@ -18,7 +18,7 @@ import numpy as np
 
 from mert_plugin.audio import MIN_SAMPLES, check_audio_path
 from mert_plugin.errors import AudioError
-from mert_plugin.extract import Window, plan_windows
+from mert_plugin.extract import Window, plan_windows, window_step
 
 BLOCK_FRAMES = 1 << 16  # input frames read per block (~1.4 s at 44.1 kHz)
 
@@ -86,7 +86,7 @@ class StreamWindower:
     def __init__(self, window: int, overlap: int, hop: int, receptive_field: int):
         self.window, self.overlap, self.hop, self.rf = window, overlap, hop, receptive_field
         self.per_window = (window - receptive_field) // hop + 1
-        self.step = max(1, min((window - overlap) // hop, self.per_window))  # as plan_windows
+        self.step = window_step(window, overlap, hop, self.per_window)  # as plan_windows
         plan_windows(max(window, receptive_field), window, overlap, hop, receptive_field)  # validates arguments
         self._buf = np.zeros(0, dtype=np.float32)
         self._buf_start = 0      # global index of _buf[0]

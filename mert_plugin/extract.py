@@ -56,9 +56,7 @@ def plan_windows(num_samples: int, window: int, overlap: int, hop: int = 320,
     per_window = _frames(window, hop, receptive_field)
     if num_samples <= window or total <= per_window:
         return [Window(0, num_samples, 0, 0, total)]
-    # frames between window starts; never more than a window's frames: with no overlap, a window of
-    # 120,000 samples steps 375 frames but computes 374, and the frame between would be lost
-    step = max(1, min((window - overlap) // hop, per_window))
+    step = window_step(window, overlap, hop, per_window)
     last = total - per_window
     starts = list(range(0, last, step)) + [last]
     windows = []
@@ -67,6 +65,13 @@ def plan_windows(num_samples: int, window: int, overlap: int, hop: int = 320,
         keep_end = total if j == len(starts) - 1 else (starts[j + 1] + a + per_window) // 2
         windows.append(Window(a * hop, min(a * hop + window, num_samples), a, keep_start, keep_end))
     return windows
+
+
+def window_step(window: int, overlap: int, hop: int, per_window: int) -> int:
+    """Frames between window starts; never more than a window's ``per_window`` frames: with no
+    overlap, a window of 120,000 samples steps 375 frames but computes 374, and the frame between
+    would be lost."""
+    return max(1, min((window - overlap) // hop, per_window))
 
 
 def _frames(n: int, hop: int, rf: int) -> int:

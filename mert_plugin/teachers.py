@@ -427,9 +427,12 @@ def db_spectrum(cqt: Tensor, per_frame: bool = False, floor_db: float = 60.0, si
     clip_peak = cqt.amax(dim=(1, 2), keepdim=True).clamp(min=1e-8)
     peak = cqt.amax(dim=2, keepdim=True).clamp(min=1e-8) if per_frame else clip_peak
     out = (20.0 * torch.log10(cqt / peak + floor) / floor_db + 1.0).clamp(min=0.0)
-    if per_frame:
-        out = torch.where(peak > clip_peak * 10 ** (-silence_db / 20), out, torch.zeros_like(out))
-    return out
+    return _zero_silent_frames(out, peak, clip_peak, silence_db) if per_frame else out
+
+
+def _zero_silent_frames(out: Tensor, frame_peak: Tensor, clip_peak: Tensor, silence_db: float) -> Tensor:
+    """``out`` [B, T, bins] with the frames whose peak is more than ``silence_db`` below the clip's set to 0."""
+    return torch.where(frame_peak > clip_peak * 10 ** (-silence_db / 20), out, torch.zeros_like(out))
 
 
 def shape_spectrum(cqt: Tensor, silence_db: float = 50.0) -> Tensor:
@@ -441,8 +444,7 @@ def shape_spectrum(cqt: Tensor, silence_db: float = 50.0) -> Tensor:
     """
     clip_peak = cqt.amax(dim=(1, 2), keepdim=True).clamp(min=1e-8)
     peak = cqt.amax(dim=2, keepdim=True).clamp(min=1e-8)
-    out = cqt / peak
-    return torch.where(peak > clip_peak * 10 ** (-silence_db / 20), out, torch.zeros_like(out))
+    return _zero_silent_frames(cqt / peak, peak, clip_peak, silence_db)
 
 
 class CQTKMeansTeacher(_CentroidState, nn.Module):
