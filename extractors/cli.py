@@ -32,10 +32,9 @@ import os
 import queue
 import sys
 import threading
-import zlib
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -45,7 +44,7 @@ from mert_plugin.extract import Window
 
 from .onnx_model import (DEFAULT_DYNAMIC_WINDOW_SECONDS, OUTPUT_ALL, OUTPUT_LAST, OnnxMERT, fill_window,
                          normalise_layers)
-from .outputs import FeatureWriter, Manifest, check_settings, npy_shape
+from .outputs import FeatureWriter, Manifest, check_settings, npy_shape, ok_outputs_in
 from .stream import StreamWindower, decode_stream
 
 SETTINGS_FILE = "mert-extract.json"
@@ -201,12 +200,24 @@ def output_names(found: Sequence[tuple]) -> Dict[int, Optional[str]]:
     return out
 
 
-def in_shard(name: str, shard: Optional[tuple]) -> bool:
-    """Stable assignment of an output to one of n shards (independent of the other inputs)."""
-    if shard is None:
-        return True
-    i, n = shard
-    return zlib.crc32(name.encode("utf-8")) % n == i
+def deal_shards(names: Iterable[Optional[str]], n: int) -> Dict[str, int]:
+    """Output name -> shard in [0, n): the run's distinct output names, sorted, dealt round-robin
+    (the k-th name goes to shard k mod n), so shards differ by at most one input.
+
+    Why this rule. Every process of one command (torchrun ranks, or the tasks of a ``--shard i/n``
+    job array, started at different times) must agree on it without talking to each other, and a
+    rerun must give the same split, so it depends only on the list of output names: sorted, it does
+    not depend on the order of the arguments or of the folder walk either. It replaces a hash of
+    each name mod n, which was independent of the other inputs but could leave a shard idle (3 long
+    tracks over 2 processes all hashed to rank 0). Greedy by file size (largest first, to the least
+    loaded shard) would balance audio rather than counts, but it needs a stat per file (slow on
+    network file systems), bytes are not seconds across formats, and a file still being copied in
+    changes size between the tasks of a job array, which could then disagree and process it twice
+    or never. The same names always give the same split; names added or removed shift the deal, so
+    a rerun may move files between shards, but outputs already written are skipped whichever shard
+    owns them now. Equal names (an exact clash) land on one shard, which reports the clash.
+    """
+    return {name: k % n for k, name in enumerate(sorted({x for x in names if x is not None}))}
 
 
 # -------------------------------------------------------------------- runner
@@ -598,10 +609,14 @@ def run(args) -> int:
 
     found = find_audio_files(args.inputs)
     names = output_names(found)
+    owner = deal_shards(names.values(), shard[1]) if shard is not None else {}
+    # Outputs that a manifest of this folder records as done: this one's, or another shard's when a rerun
+    # moved files between shards; each finished output is recorded in one manifest only.
+    recorded = ok_outputs_in(out_dir)
     jobs, problems, skipped, claimed = [], [], 0, {}
     for i, (path, rel) in enumerate(found):
         name = names.get(i)
-        if name is not None and not in_shard(name, shard):
+        if name is not None and shard is not None and owner[name] != shard[0]:
             continue
         if name is None:
             if shard is None or shard[0] == 0:  # report a missing input once, not in every shard
@@ -617,7 +632,7 @@ def run(args) -> int:
             shape = npy_shape(final)
             if shape is not None:
                 skipped += 1
-                if name not in manifest.ok_outputs:  # finished just before a kill: record it now
+                if name not in recorded:  # finished just before a kill, its line lost: record it now
                     manifest.add({"input": path, "output": name, "status": "ok", "shape": list(shape)})
                 continue
             print(f"warning: {final} is not a readable .npy; recomputing it", file=sys.stderr)

@@ -8,6 +8,7 @@ that output is next worked on.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Dict, List, Optional, Sequence
@@ -134,13 +135,7 @@ class Manifest:
         if os.path.exists(path):
             with open(path, "rb") as f:
                 data = f.read()
-            for line in data.splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and rec.get("status") == "ok":
-                    self.ok_outputs.add(rec.get("output"))
+            self.ok_outputs = _ok_outputs(data)
             needs_newline = bool(data) and not data.endswith(b"\n")
         else:
             needs_newline = False
@@ -156,6 +151,32 @@ class Manifest:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _ok_outputs(data: bytes) -> set:
+    """The outputs that manifest lines ``data`` record as ok (a line cut short by a kill is skipped)."""
+    out = set()
+    for line in data.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("status") == "ok":
+            out.add(rec.get("output"))
+    return out
+
+
+def ok_outputs_in(folder: str) -> set:
+    """Outputs recorded as ok by any manifest of ``folder`` (``manifest.jsonl`` and every shard's
+    ``manifest.shardIofN.jsonl``), read as they are now (other shards may still be appending)."""
+    out = set()
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "manifest*.jsonl"))):
+        try:
+            with open(path, "rb") as f:
+                out |= _ok_outputs(f.read())
+        except OSError:  # removed meanwhile, or unreadable: it records nothing we can rely on
+            continue
+    return out
 
 
 def check_settings(path: str, settings: Dict, overwrite: bool = False) -> None:

@@ -185,6 +185,10 @@ def test_torchrun_two_processes_write_one_folder(models, music, tmp_path):
     records = [json.loads(line) for m in manifests for line in open(out / m)]
     assert sorted(r["output"] for r in records) == sorted(os.path.splitext(n)[0] + ".npy" for n in LENGTHS)
     assert all(r["status"] == "ok" for r in records)
+    # Balanced: the 4 sorted output names dealt round-robin, 2 per rank, each file on exactly one rank.
+    per_rank = [sorted(json.loads(line)["output"] for line in open(out / m)) for m in manifests]
+    assert per_rank == [["long.npy", "short.npy"], ["mid.npy", "two.npy"]]
+    assert "shard 0/2: 2 written" in done.stderr and "shard 1/2: 2 written" in done.stderr
     for name in LENGTHS:
         got = np.load(out / (os.path.splitext(name)[0] + ".npy"))
         assert np.abs(got - _reference(model, music / name)).max() <= 1e-5, name

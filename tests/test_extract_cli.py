@@ -6,6 +6,7 @@ an independent code path (whole-file decode, in-memory windows).
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,9 +287,56 @@ def test_shards_partition_the_inputs(models, music, tmp_path):
     for i in range(3):
         rc, _ = _run([str(root), "--model", hf, "--output-dir", str(out), "--shard", f"{i}/3", "--layers", "last"])
         assert rc == 0
-    shards = [{json.loads(l)["output"] for l in open(out / f"manifest.shard{i}of3.jsonl")} for i in range(3)]
-    assert sum(len(s) for s in shards) == len(names)
-    assert set().union(*shards) == {_npy(n) for n in names}
+    shards = [[json.loads(l)["output"] for l in open(out / f"manifest.shard{i}of3.jsonl")] for i in range(3)]
+    assert sorted(o for s in shards for o in s) == sorted(_npy(n) for n in names)  # each file on exactly one shard
+    assert [len(s) for s in shards] == [2, 2, 1]  # 5 files over 3 shards: balanced, not as a hash falls
+    # Sorted output names dealt round-robin: a, album/b, album/cd1/c, album/cd1/d, e.
+    assert [sorted(s) for s in shards] == [["a.npy", "album/cd1/d.npy"], ["album/b.npy", "e.npy"],
+                                           ["album/cd1/c.npy"]]
+
+
+def test_deal_shards_balances_counts_whatever_the_order():
+    names = ["c.npy", "a.npy", "b.npy"]
+    owner = cli.deal_shards(names, 2)
+    assert owner == {"a.npy": 0, "b.npy": 1, "c.npy": 0}  # 3 inputs over 2 processes: 2 + 1, none idle
+    assert cli.deal_shards(reversed(names), 2) == owner  # the order of the arguments does not matter
+    many = cli.deal_shards([f"t{i:03d}.npy" for i in range(101)] + [None, "t000.npy"], 4)  # None: a missing input
+    counts = [list(many.values()).count(k) for k in range(4)]
+    assert sorted(counts) == [25, 25, 25, 26] and len(many) == 101
+    assert cli.deal_shards(["x.npy"], 3) == {"x.npy": 0}
+
+
+def test_rerun_after_adding_files_moves_shards_but_recomputes_and_repeats_nothing(models, music, tmp_path, capsys):
+    """Adding an input shifts the round-robin deal: a finished output may now belong to the other shard,
+    which skips it and does not record it a second time."""
+    hf, _, _ = models
+    root, _ = music
+    lib, out = tmp_path / "lib", tmp_path / "feats"
+    lib.mkdir()
+    for name in ("a.wav", "e.wav"):
+        shutil.copy(root / name, lib / name)
+
+    def both_shards():
+        errs = []
+        for i in range(2):
+            rc, err = _run([str(lib), "--model", hf, "--output-dir", str(out), "--shard", f"{i}/2", "--layers",
+                            "last"], capsys)
+            assert rc == 0, err
+            errs.append(err)
+        return errs
+
+    errs = both_shards()  # a -> 0, e -> 1
+    assert "1 written, 0 already done" in errs[0] and "1 written, 0 already done" in errs[1]
+    before = _snapshot(out)
+    shutil.copy(root / "album" / "b.flac", lib / "b.flac")  # now a, b, e: a -> 0, b -> 1, e -> 0
+    errs = both_shards()
+    assert "shard 0/2: 0 written, 2 already done" in errs[0]  # e moved to shard 0: skipped, not recomputed
+    assert "shard 1/2: 1 written, 0 already done" in errs[1]  # 2 + 1: the new file went to the lighter shard
+    after = _snapshot(out)
+    assert all(after[k] == v for k, v in before.items()) and sorted(after) == ["a.npy", "b.npy", "e.npy"]
+    records = [json.loads(l) for i in range(2) for l in open(out / f"manifest.shard{i}of2.jsonl")]
+    assert sorted(r["output"] for r in records) == ["a.npy", "b.npy", "e.npy"]  # each recorded once
+    assert all(r["status"] == "ok" for r in records)
 
 
 def test_rerun_with_other_settings_is_refused_unless_overwrite(models, music, tmp_path, capsys):
