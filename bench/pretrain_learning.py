@@ -51,7 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--clusters", type=int, default=128)
     ap.add_argument("--fit-files", type=int, default=0,
                     help="fit the k-means on this many evenly spread training clips (0: all; the recipe: 64)")
-    ap.add_argument("--code-spectrum", choices=["db", "linear"], default="db", help="cqt-kmeans features")
+    ap.add_argument("--code-spectrum", nargs="+", choices=["db", "linear"], default=["db"],
+                    help="cqt-kmeans features, one codebook each (e.g. 'linear db': pitch codes + timbre codes)")
+    ap.add_argument("--codebook-weights", nargs="+", type=float, help="one CE weight per codebook (default: all 1)")
     ap.add_argument("--cqt-target", choices=["linear", "linear-frame", "db", "db-frame", "none"], default="db-frame")
     ap.add_argument("--feature-penalty", type=float, default=0.0, help="MERT: 10")
     ap.add_argument("--feature-grad-mult", type=float, default=1.0, help="MERT 95M: 0.1; 0 freezes the stem")
@@ -129,11 +131,14 @@ def main(argv=None):
     cqts = clip_cqts(corpus, paths, cqt_teacher)
     codes = None
     if args.teacher == "cqt-kmeans":
-        teacher = CQTKMeansTeacher(args.clusters, 1, seed=args.seed, cqt=cqt_teacher, spectrum=args.code_spectrum)
         fit = cqts if not args.fit_files else [cqts[round(i * len(cqts) / args.fit_files)]
                                                  for i in range(min(args.fit_files, len(cqts)))]
-        teacher.fit_features(torch.cat([teacher.features_from_cqt(c[None])[0] for c in fit]))
-        codes = [teacher.codes_from_cqt(c[None])[0] for c in cqts]  # [1, T] each
+        books = []
+        for spectrum in args.code_spectrum:  # one codebook per spectrum
+            teacher = CQTKMeansTeacher(args.clusters, 1, seed=args.seed, cqt=cqt_teacher, spectrum=spectrum)
+            teacher.fit_features(torch.cat([teacher.features_from_cqt(c[None])[0] for c in fit]))
+            books.append([teacher.codes_from_cqt(c[None])[0] for c in cqts])  # [1, T] each
+        codes = [torch.cat(per_clip, 0) for per_clip in zip(*books)]  # [K, T] each
     elif args.teacher == "pitch-labels":
         midi = {r["path"]: int(r["label"]) for r in read_rows(corpus, "pitch")}
         codes = [torch.full((1, c.shape[0]), midi[p], dtype=torch.long) for p, c in zip(paths, cqts)]
@@ -147,11 +152,12 @@ def main(argv=None):
         student.reset_parameters()
     results = {"settings": vars(args), "random_init": probe(student, corpus), "log": [], "probes": {}}
     show("random", results["random_init"])
-    config = ObjectiveConfig(num_codebooks=1, codebook_size=args.clusters, final_dim=32,
+    config = ObjectiveConfig(num_codebooks=codes[0].shape[0] if codes else 1, codebook_size=args.clusters, final_dim=32,
                              use_acoustic=codes is not None, use_cqt=args.cqt_target != "none",
                              cqt_target=args.cqt_target if args.cqt_target != "none" else "linear",
                              feature_penalty_weight=args.feature_penalty, feature_grad_mult=args.feature_grad_mult,
-                             pred_nomask_weight=args.pred_nomask, mixture_prob=args.mixture,
+                             pred_nomask_weight=args.pred_nomask,
+                             codebook_weights=tuple(args.codebook_weights) if args.codebook_weights else None, mixture_prob=args.mixture,
                              mask_prob=args.mask_prob)
     trainer = MERTPretrainer(student, config).train()
     opt = torch.optim.AdamW(trainer.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)

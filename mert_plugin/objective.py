@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,7 @@ class ObjectiveConfig:
     # Deviations for small-scale runs (the reference values are the defaults), see docs/OBJECTIVE.md:
     cqt_target: str = "linear"  # "linear" (reference) | "linear-frame" | "db" | "db-frame" (see MERTPretrainer.cqt_target)
     pred_nomask_weight: float = 0.0  # fairseq HuBERT option; > 0 also predicts the labels of unmasked frames
+    codebook_weights: Optional[Tuple[float, ...]] = None  # one weight per codebook CE (None: all 1, the reference)
     # Extras (not in the shared contract; off by default).
     attention_relax: float = 0.0  # > 0: PB-relax attention in the student (fp16 overflow guard), e.g. 32
 
@@ -109,6 +110,9 @@ class ObjectiveConfig:
             problems.append(f"cqt_target must be one of {', '.join(CQT_TARGETS)}, got {self.cqt_target!r}")
         if self.pred_nomask_weight < 0:
             problems.append(f"pred_nomask_weight must be >= 0, got {self.pred_nomask_weight}")
+        if self.codebook_weights is not None and (len(self.codebook_weights) != self.num_codebooks
+                                                  or any(float(w) < 0 for w in self.codebook_weights)):
+            problems.append(f"codebook_weights must be {self.num_codebooks} weights >= 0, got {list(self.codebook_weights)}")
         if self.attention_relax < 0:
             problems.append(f"attention_relax must be >= 0 (0 = off), got {self.attention_relax}")
         if problems:
@@ -291,7 +295,8 @@ class MERTPretrainer(nn.Module):
                 acc = (logits.argmax(-1) == target).float().mean()
             else:  # no loss frame in this batch: zeros that keep the graph
                 per_book, acc = logits.sum((0, 2)), logits.new_zeros(())
-            loss = loss + per_book.sum()
+            weights = c.codebook_weights
+            loss = loss + (per_book.sum() if weights is None else (per_book * per_book.new_tensor(weights)).sum())
             terms["acoustic_ce"] = per_book.sum().detach()
             terms["acoustic_acc"] = acc.detach()
             for k, v in enumerate(per_book.detach()):

@@ -176,6 +176,29 @@ def test_pred_nomask_weight_adds_the_visible_frames_loss():
     assert float(both["unmasked_acoustic_ce"]) != float(plain["acoustic_ce"])  # other frames, other loss
 
 
+
+def test_codebook_weights_scale_each_codebooks_cross_entropy():
+    wav = torch.randn(2, 16000) * 0.1
+    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
+    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336)
+    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    weights = (1.0, 0.25, 0.0, 2.0, 1.0, 1.0, 0.5, 1.0)
+    outs = {}
+    for w in (None, weights):
+        trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0),
+                                 ObjectiveConfig(codebook_weights=w, mixture_prob=0.0)).eval()
+        outs[w] = trainer(wav, codes, cqt, mask=mask).terms
+    plain, weighted = outs[None], outs[weights]
+    per_book = torch.stack([plain[f"acoustic_ce_{k}"] for k in range(8)])
+    rest = plain["loss"] - per_book.sum()  # CQT MSE and feature penalty: untouched by the weights
+    expected = rest + (per_book * torch.tensor(weights)).sum()
+    assert float(weighted["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(weighted["acoustic_ce"]) == pytest.approx(float(plain["acoustic_ce"]), rel=1e-6)  # logged unweighted
+    for bad in ((1.0,) * 7, (1.0,) * 7 + (-1.0,)):
+        with pytest.raises(ConfigError, match="codebook_weights"):
+            ObjectiveConfig(codebook_weights=bad).validate()
+
+
 # ---------------------------------------------------------------- mixture
 def test_mixture_only_borrows_from_other_clips_and_leaves_input_alone():
     bsz, num = 4, 30000
