@@ -19,9 +19,12 @@ Reliability:
   different teacher into the same folder is refused instead of mixing labels.
 
 Sharding: ``--shard i/n`` or, under ``torchrun``, ``RANK`` / ``WORLD_SIZE``
-(no process group is needed: shards are independent). Shard i takes every
-n-th file, starting at i, of the de-duplicated input list (inputs in the order
-given, folders walked in sorted order), so every rank sees the same list.
+(no process group is needed: shards are independent). The de-duplicated input
+list is sorted by output name and shard i takes every n-th entry starting at
+i, as ``mert-extract`` deals its shards: the split depends only on the names,
+not on the order of the arguments, every rank sees the same list, and shards
+differ by at most one file. Name clashes are settled in argument order first
+(the first input keeps the name).
 """
 from __future__ import annotations
 
@@ -171,7 +174,7 @@ def generate_labels(inputs: Union[Sequence[str], Sequence[Tuple[str, str]]], out
         inputs: files, folders (recursive) and globs, or explicit ``(path, relative_name)`` pairs.
         out_dir: output folder (created).
         generator: the teachers (:meth:`LabelGenerator.from_spec`), on any device.
-        shard: (i, n): this call handles files i, i+n, i+2n, ...
+        shard: (i, n): this call handles files i, i+n, i+2n, ... of the list sorted by output name.
         write_cqt: also write CQT targets (needs a generator with the CQT teacher).
         progress: show a tqdm progress bar.
         max_seconds: fail (by name) files longer than this instead of labelling them; EnCodec
@@ -204,6 +207,8 @@ def generate_labels(inputs: Union[Sequence[str], Sequence[Tuple[str, str]]], out
             else:
                 owner[key] = path
         jobs.append((path, rel, reason))
+    # Dealt in output-name order (inputs without a name by their path, after the named ones).
+    jobs.sort(key=lambda job: (job[1] is None, label_paths("", job[1])[0] if job[1] is not None else job[0], job[0]))
     mine = jobs[rank::world]
     summary.total = len(mine)
     device = next(iter(generator.buffers()), torch.zeros(())).device

@@ -153,6 +153,11 @@ def test_shards_partition_the_inputs(fitted_generator, tmp_path, monkeypatch):
     assert outputs(parts).keys() == outputs(whole).keys()
     for name in outputs(whole):
         assert np.array_equal(np.load(os.path.join(parts, name)), np.load(os.path.join(whole, name)))
+    # Dealt in output-name order, whatever the order of the arguments (as mert-extract deals its shards).
+    files = [str(tmp_path / "audio" / f"clip{i:02d}.wav") for i in (3, 0, 4, 1, 2)]
+    first = str(tmp_path / "first")
+    assert generate_labels(files, first, fitted_generator, shard=(0, 2), write_cqt=False, progress=False).done == 3
+    assert sorted(outputs(first)) == ["clip00.codes.npy", "clip02.codes.npy", "clip04.codes.npy"]
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert shard_from_env() == (3, 4)
