@@ -27,7 +27,13 @@ dynamic too (any input length, for the Python runners; Essentia's C++
 dynamically quantised MatMuls (float32 inputs and outputs either way) and gates
 it on accuracy instead: every hidden state's mean frame cosine similarity to
 PyTorch fp32 on the test signals must reach ``QUANTIZE_MIN_COSINE`` (the
-measured figures go into the metadata).
+measured figures go into the metadata). ``attention="fused"``
+(``--attention fused``, the default of dynamic-length graphs) writes each
+layer's attention as one onnxruntime ``com.microsoft.MultiHeadAttention`` node
+(its CPU flash-attention kernel) instead of opset-20 MatMul/Softmax; see
+:func:`_fused_attention`. Every graph has its weight expressions folded into
+plain initializers (:func:`_fold_weights`), so that the quantiser sees each
+linear layer's weight, the q/k/v projection included.
 
 Nothing half-written is ever left behind: both files are written under
 temporary names in the target folder and renamed into place after the checks;
@@ -42,10 +48,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import os
 import sys
+import types
 import warnings
 from typing import Dict, Optional
 
@@ -64,6 +72,11 @@ from .onnx_model import INPUT_LENGTHS, INPUT_NAME, OUTPUT_ALL, OUTPUT_LAST, PROP
 
 DEFAULT_TOLERANCE = 1e-4
 LENGTHS = ("fixed", "dynamic")
+ATTENTIONS = ("standard", "fused")
+# Added to the attention score of a padding key by the fused graph's extra head dimension (see
+# _fused_attention); exp() of it times the softmax scale is 0 in fp32 (fp16 conversion clamps it to -65504,
+# which still is).
+_MASKED_KEY_SCORE = -1e9
 # Accuracy gate of the quantised graphs: min over hidden states of the mean frame cosine to fp32.
 QUANTIZE_MIN_COSINE = {"fp16": 0.999, "int8": 0.99}
 MERT_CITATION = """@article{li2023mert,
@@ -130,6 +143,94 @@ def _masked_group_norm(x: Tensor, norm: nn.GroupNorm, valid: Tensor) -> Tensor:
     var = (d * d).sum(-1, keepdim=True) / count
     scale = norm.weight[None, :, None] * torch.rsqrt(var + norm.eps)
     return x * scale + (norm.bias[None, :, None] - mean * scale)
+
+
+_FUSED_OP = None  # (torch custom op, its ONNX translation), made on first use
+
+
+def _fused_attention_op():
+    """A torch op ``mert_export::ort_mha(q, k, v, num_heads, scale)`` on [B, T, H*hd] tensors
+    (plain SDPA in PyTorch) and its translation to ``com.microsoft.MultiHeadAttention``."""
+    global _FUSED_OP
+    if _FUSED_OP is not None:
+        return _FUSED_OP
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    @torch.library.custom_op("mert_export::ort_mha", mutates_args=())
+    def ort_mha(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> Tensor:
+        qh, kh, vh = (x.unflatten(-1, (num_heads, -1)).transpose(1, 2) for x in (q, k, v))
+        return F.scaled_dot_product_attention(qh, kh, vh, scale=scale).transpose(1, 2).flatten(2)
+
+    @ort_mha.register_fake
+    def _(q, k, v, num_heads, scale):
+        return v.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+    param = OpSchema.FormalParameter
+    schema = OpSchema("MultiHeadAttention", "com.microsoft", 1,
+                      inputs=[param("query", "T"), param("key", "T"), param("value", "T")],
+                      outputs=[param("output", "T")], type_constraints=[("T", ["tensor(float)"], "")],
+                      attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                                  OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")])
+    mha = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MultiHeadAttention", schema)
+
+    def ort_mha_onnx(q, k, v, num_heads: int, scale: float):
+        return mha(q, k, v, num_heads=num_heads, scale=scale)
+
+    _FUSED_OP = (ort_mha, {torch.ops.mert_export.ort_mha.default: ort_mha_onnx})
+    return _FUSED_OP
+
+
+def _fused_attention_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+    """``SelfAttention.forward`` as one ``MultiHeadAttention`` node, for the export only.
+
+    onnxruntime's CPU kernel uses flash attention (no [T, T] score matrix in memory) only
+    without a key padding mask or attention bias. So padding keys are masked through the
+    scores themselves: each head's query gets an extra component 1 and each key an extra
+    component 0 (real frame) or ``_MASKED_KEY_SCORE`` (padding), and the softmax scale stays
+    1/sqrt(head_dim). A real key's score is exactly the plain one (adding 1 * 0); a padding
+    key's is about -1e8 after scaling, whose exp() is 0, as with SDPA's boolean mask.
+    """
+    b, t, d = x.shape
+    heads, hd = self.num_heads, self.head_dim
+    w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+    bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+    q, k, v = F.linear(x, w, bias).split(d, dim=-1)
+    if attn_mask is not None:
+        valid = attn_mask[:, 0, 0, :]                                            # [B, T], True = real
+        key_score = torch.zeros_like(valid, dtype=x.dtype).masked_fill(~valid, _MASKED_KEY_SCORE)
+        q4, k4 = q.unflatten(-1, (heads, hd)), k.unflatten(-1, (heads, hd))     # [B, T, H, hd]
+        q = torch.cat([q4, torch.ones_like(q4[..., :1])], -1).flatten(2)
+        k = torch.cat([k4, key_score[:, :, None, None].expand_as(k4[..., :1])], -1).flatten(2)
+    out = _fused_attention_op()[0](q, k, v, heads, 1.0 / float(hd) ** 0.5)
+    return self.out_proj(out)
+
+
+@contextlib.contextmanager
+def _fused_attention(model: MERTModel):
+    """Within the block, every layer of ``model`` runs :func:`_fused_attention_forward`."""
+    layers = [layer.attention for layer in model.encoder.layers]
+    try:
+        for attention in layers:
+            attention.forward = types.MethodType(_fused_attention_forward, attention)
+        yield
+    finally:
+        for attention in layers:
+            attention.__dict__.pop("forward", None)
+
+
+def _fold_weights(ir_model) -> None:
+    """Fold every expression of weights alone into one initializer (in place).
+
+    The exporter's own folding leaves large tensors alone, so the graph concatenated the
+    q, k and v weights on every call (onnxruntime folds that when it loads the graph, so fp32
+    speed does not change) and the int8 quantiser, which quantises a MatMul only if its weight
+    is an initializer, left the q/k/v projection -- a quarter of the linear layers' work -- in
+    fp32. The weight-normed positional convolution folds too.
+    """
+    from onnxscript.optimizer import fold_constants
+
+    fold_constants(ir_model, input_size_limit=1 << 40, output_size_limit=1 << 40)
 
 
 def parity_inputs(window: int, sample_rate: int) -> Dict[str, np.ndarray]:
@@ -249,8 +350,10 @@ def quantize_graph(src: str, dst: str, mode: str) -> None:
         old = ort_log.level
         ort_log.setLevel(logging.ERROR)  # "consider pre-processing" advice
         try:
-            # MatMuls only: the linear layers are 2/3 of the work; ConvInteger is slower than
-            # onnxruntime's fp32 Conv on the stem and costs accuracy.
+            # MatMuls only: every linear layer (weights folded at export, q/k/v included). The conv
+            # stem stays fp32: quantised (ConvInteger, or written as MatMuls) it failed the 0.99 gate on
+            # 95M weights -- one activation scale per call loses the quiet frames -- and ConvInteger ran
+            # 2.6x slower than fp32 Conv (bench/onnx_variants.py, docs/BENCHMARKS.md).
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
         finally:
             ort_log.setLevel(old)
@@ -263,7 +366,7 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
                 weights_license: Optional[str] = None, source: Optional[str] = None,
                 verbose: bool = False, length: str = "fixed", quantize: Optional[str] = None,
                 embedding_layer: Optional[int] = None, author: Optional[str] = None, email: Optional[str] = None,
-                link: Optional[str] = None, dataset: Optional[str] = None) -> Dict:
+                link: Optional[str] = None, dataset: Optional[str] = None, attention: Optional[str] = None) -> Dict:
     """Export ``model`` to ``output`` (``.onnx``) and ``output``'s ``.json``; return the metadata.
 
     ``embedding_layer`` (default :func:`recommended_layer`) is the hidden state the
@@ -273,10 +376,16 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
     Raises :class:`ParityError` (and writes nothing) if onnxruntime and PyTorch
     differ by more than ``tolerance`` (or, with ``quantize``, if the quantised graph
     misses its cosine gate). ``length="dynamic"``: any input length (``window_seconds``
-    is then only the example and test length). Puts ``model`` in eval mode.
+    is then only the example and test length). ``attention``: ``"standard"`` (opset-20
+    ops) or ``"fused"`` (onnxruntime's ``MultiHeadAttention``); default fused for a
+    dynamic-length graph, standard for a fixed one (Essentia). Puts ``model`` in eval mode.
     """
     if length not in LENGTHS:
         raise MERTError(f"length must be one of {list(LENGTHS)}, got {length!r}")
+    if attention is None:
+        attention = "fused" if length == "dynamic" else "standard"
+    if attention not in ATTENTIONS:
+        raise MERTError(f"attention must be one of {list(ATTENTIONS)}, got {attention!r}")
     if quantize is not None and quantize not in QUANTIZE_MIN_COSINE:
         raise MERTError(f"quantize must be one of {sorted(QUANTIZE_MIN_COSINE)}, got {quantize!r}")
     dynamic = length == "dynamic"
@@ -304,7 +413,7 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
     with pending_file(output) as graph, pending_file(final_json) as graph_json, \
             pending_file(output, tag="fp32") as fp32_graph:
         fp32_path = fp32_graph.path if quantize else graph.path
-        output_ops = _export_graph(wrapper, fp32_path, window, cfg, verbose, dynamic)
+        output_ops = _export_graph(wrapper, fp32_path, window, cfg, verbose, dynamic, attention == "fused")
         diffs = check_parity(model, fp32_path, window, dynamic=dynamic)
         worst = max(diffs.values())
         if not worst <= tolerance:
@@ -327,7 +436,7 @@ def export_onnx(model: MERTModel, output: str, window_seconds: float = 5.0, tole
                               weights_license=weights_license, source=source, output_ops=output_ops,
                               length=length, precision=quantize or "fp32", accuracy=accuracy,
                               embedding_layer=embedding_layer, author=author, email=email, link=link,
-                              dataset=dataset)
+                              dataset=dataset, attention=attention)
         with open(graph_json.path, "w", encoding="utf-8") as f:
             f.write(json_text(meta, sort_keys=False))  # MTG's field order
         # Order matters for a kill between the renames: never pair a new graph with old metadata.
@@ -353,9 +462,10 @@ def _set_graph_props(path: str, props: Dict[str, str]) -> None:
 
 
 def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: bool,
-                  dynamic: bool = False) -> Dict[str, str]:
+                  dynamic: bool = False, fused: bool = False) -> Dict[str, str]:
     """Dynamo export: batch axis dynamic, all other dims static (``dynamic``: the sample and
-    frame axes too), one self-contained file.
+    frame axes too), one self-contained file; weight expressions folded (:func:`_fold_weights`);
+    ``fused``: attention as ``com.microsoft.MultiHeadAttention`` (:func:`_fused_attention`).
 
     ``num_samples`` becomes an input with a default value (an overridable
     initializer holding [W]), so callers that feed only ``audio`` -- such as
@@ -378,12 +488,14 @@ def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: 
             warnings.simplefilter("ignore")
             onnx_log.setLevel(logging.ERROR)
         try:
-            program = torch.onnx.export(wrapper, (example, lengths), dynamo=True,
-                                        input_names=[INPUT_NAME, INPUT_LENGTHS],
-                                        output_names=[OUTPUT_LAST, OUTPUT_ALL] + [
-                                            layer_output_name(i) for i in range(cfg.num_hidden_states)],
-                                        dynamic_shapes={"audio": audio_dims, "num_samples": {0: batch}},
-                                        verbose=verbose)
+            table = _fused_attention_op()[1] if fused else None
+            with _fused_attention(wrapper.model) if fused else contextlib.nullcontext():
+                program = torch.onnx.export(wrapper, (example, lengths), dynamo=True,
+                                            input_names=[INPUT_NAME, INPUT_LENGTHS],
+                                            output_names=[OUTPUT_LAST, OUTPUT_ALL] + [
+                                                layer_output_name(i) for i in range(cfg.num_hidden_states)],
+                                            dynamic_shapes={"audio": audio_dims, "num_samples": {0: batch}},
+                                            custom_translation_table=table, verbose=verbose)
         except ModuleNotFoundError as exc:
             raise MERTError(f"ONNX export needs the '{exc.name}' package (pip install onnxscript onnx)") from None
         finally:
@@ -396,6 +508,7 @@ def _export_graph(wrapper: ExportWrapper, path: str, window: int, cfg, verbose: 
             raise MERTError(f"exported output {value.name} has a dynamic non-batch shape {dims}; "
                             "Essentia's OnnxPredict needs static shapes")
     _drop_softmax_nan_guards(graph)
+    _fold_weights(ir_model)
     lengths_input = next(v for v in graph.inputs if v.name == INPUT_LENGTHS)
     lengths_input.const_value = ir.tensor(np.array([window], dtype=np.float32), name=INPUT_LENGTHS)
     graph.register_initializer(lengths_input)
@@ -445,7 +558,7 @@ def build_metadata(model: MERTModel, output: str, window: int, diffs: Dict[str, 
                    output_ops: Optional[Dict[str, str]] = None, length: str = "fixed", precision: str = "fp32",
                    accuracy: Optional[Dict] = None, embedding_layer: Optional[int] = None,
                    author: Optional[str] = None, email: Optional[str] = None, link: Optional[str] = None,
-                   dataset: Optional[str] = None) -> Dict:
+                   dataset: Optional[str] = None, attention: str = "standard") -> Dict:
     """Essentia model metadata (the fields of MTG's ``*.json`` files) for the exported graph.
 
     Every output in ``schema.outputs`` has a description; the recommended hidden
@@ -472,6 +585,8 @@ def build_metadata(model: MERTModel, output: str, window: int, diffs: Dict[str, 
                   f"{frames} frames")
     compute = {"fp32": "", "fp16": " Computes in fp16 (float32 inputs and outputs).",
                "int8": " MatMuls dynamically quantised to int8 (float32 inputs and outputs)."}[precision]
+    if attention == "fused":
+        compute += " Attention is onnxruntime's com.microsoft.MultiHeadAttention (needs onnxruntime)."
     export_block = {
         "source": source,
         "exporter": f"torch.onnx (dynamo) {torch.__version__}",
@@ -480,6 +595,7 @@ def build_metadata(model: MERTModel, output: str, window: int, diffs: Dict[str, 
         "parity_runtime": f"onnxruntime {onnxruntime.__version__}",
         "length": length,
         "precision": precision,
+        "attention": attention,
     }
     if accuracy is not None:  # the quantised graph's own gate (parity_* is that of the fp32 graph it came from)
         export_block["accuracy_vs_fp32"] = accuracy
@@ -568,6 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=sorted(QUANTIZE_MIN_COSINE),
                    help="fp16: fp16 compute (for GPUs); int8: int8 dynamically quantised MatMuls (CPU). Gated on "
                         "frame cosine similarity to fp32 instead of the 1e-4 parity (figures in the JSON)")
+    p.add_argument("--attention", choices=ATTENTIONS,
+                   help="fused: each layer's attention as onnxruntime's com.microsoft.MultiHeadAttention (flash "
+                        "attention on the CPU, faster; needs onnxruntime); standard: opset-20 MatMul/Softmax, for any "
+                        "ONNX runtime. Default: fused with --length dynamic, standard with fixed (Essentia)")
     p.add_argument("--name", help="model name in the metadata (default: the output file stem)")
     p.add_argument("--description", help="description in the metadata")
     p.add_argument("--weights-license", help="licence of the weights, recorded in the metadata")
@@ -602,7 +722,7 @@ def _run(args) -> int:
                        description=args.description, weights_license=args.weights_license, source=source,
                        verbose=args.verbose, length=args.length, quantize=args.quantize,
                        embedding_layer=args.embedding_layer, author=args.author, email=args.email,
-                       link=args.link, dataset=args.dataset)
+                       link=args.link, dataset=args.dataset, attention=args.attention)
     diff = max(meta["export"]["parity_max_abs_diff"].values())
     accuracy = meta["export"].get("accuracy_vs_fp32")
     if accuracy is not None:

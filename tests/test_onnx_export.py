@@ -248,8 +248,14 @@ def test_dynamic_length_int8_graph_runs_any_length_and_records_its_gate(tmp_path
     assert meta["export"]["precision"] == "int8" and meta["export"]["length"] == "dynamic"
     assert len(acc["layer_mean_cosine"]) == 5 and min(acc["layer_mean_cosine"]) >= acc["min_cosine_required"]
     assert acc["max_abs_diff"] > 1e-4  # it really is quantised (fp32 parity would be ~1e-6)
-    props = {p.key: p.value for p in onnx.load(str(out), load_external_data=False).metadata_props}
+    proto = onnx.load(str(out), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
     assert props["mert.precision"] == "int8" and props["mert.window_samples"] == "dynamic"
+    # Dynamic graphs fuse attention by default; folded weights let every linear layer be quantised,
+    # the q/k/v projection included: no float MatMul is left.
+    ops = [n.op_type for n in proto.graph.node]
+    assert meta["export"]["attention"] == "fused" and ops.count("MultiHeadAttention") == 4
+    assert "MatMul" not in ops and ops.count("MatMulInteger") == 4 * 4 + 1
     graph = OnnxMERT(out, num_threads=1, window_seconds=2.0)
     assert graph.info.dynamic and graph.info.precision == "int8" and graph.info.window == 48000
     model = MERTModel.from_preset("mert-tiny", seed=3).eval()
@@ -277,3 +283,38 @@ def test_quantised_graph_failing_its_gate_is_not_written(tmp_path, monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err[-1].startswith("error: the fp16 graph failed its accuracy gate")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fused_attention_matches_pytorch_on_padded_batches_and_standard_stays_opset_only(tmp_path):
+    """--attention fused (the dynamic default): one MultiHeadAttention per layer, padding keys masked
+    through the extra head dimension; frames of a padded batch equal PyTorch on the unpadded audio.
+    --attention standard: opset-20 ops only, same numbers."""
+    model = MERTModel.from_preset("mert-tiny", seed=5).eval()
+    graphs = {}
+    for attention in ("fused", "standard"):
+        path = tmp_path / f"{attention}.onnx"
+        meta = ex.export_onnx(model, str(path), window_seconds=1.0, length="dynamic",
+                              attention=None if attention == "fused" else attention)
+        assert meta["export"]["attention"] == attention
+        proto = onnx.load(str(path), load_external_data=False)
+        ops = [n.op_type for n in proto.graph.node]
+        domains = {o.domain for o in proto.opset_import}
+        if attention == "fused":
+            assert ops.count("MultiHeadAttention") == 4 and "Softmax" not in ops and "com.microsoft" in domains
+        else:
+            assert "MultiHeadAttention" not in ops and ops.count("Softmax") == 4 and domains <= {"", "ai.onnx"}
+        graphs[attention] = OnnxMERT(path, num_threads=1)
+    sig = ex.parity_inputs(40_000, 24000)
+    lengths = [40_000, 17_321, 401]  # a full row, a short one, and one frame
+    batch = np.stack([sig["chord"], sig["noise"], sig["chord"][::-1].copy()])
+    for b, n in enumerate(lengths):
+        batch[b, n:] = 0.0
+    got = {a: g.run(batch, lengths) for a, g in graphs.items()}
+    for b, n in enumerate(lengths):
+        with torch.inference_mode():
+            ref = torch.stack(model(torch.from_numpy(batch[b:b + 1, :n])).hidden_states, 1)[0].numpy()
+        for a in graphs:
+            assert np.abs(got[a][b, :, :ref.shape[1]] - ref).max() <= 1e-4, (a, b)
+    # A graph made for the fixed window (Essentia) stays standard unless asked.
+    fixed = ex.export_onnx(model, str(tmp_path / "fixed.onnx"), window_seconds=1.0)
+    assert fixed["export"]["attention"] == "standard"
