@@ -5,11 +5,20 @@ and the same thread count (default 2), candidates run in turn, round after round
 
 * ``hf fp32``: ``transformers.HubertModel`` (from our ``save_pretrained``), whole clip, all hidden states;
 * ``torch fp32``: mert-extract's torch backend (default 30 s windows: a 30 s clip is one pass);
-* ``onnx fp32``: mert-extract's onnx backend on a dynamic-length graph (``--length dynamic``);
+* ``onnx fp32``: mert-extract's onnx backend on a dynamic-length graph (``--length dynamic``; its default
+  ``--attention fused``); ``onnx fp32 std-attn`` (mode ``onnx-std``): the same with ``--attention standard``;
 * ``onnx fp32 5s-fixed`` (``--with-fixed``): the fixed 5 s graph that Essentia's OnnxPredict needs (1 s overlaps);
-* fast modes: ``torch bf16`` (autocast), ``onnx fp16`` and ``onnx int8`` (``--quantize``).
+* fast modes: ``torch bf16`` (autocast), ``onnx fp16`` and ``onnx int8`` (``--quantize``), ``onnx int8 std-attn``
+  (mode ``int8-std``);
+* ``--extra NAME=GRAPH.onnx[:OPTION,...]``: any other graph (e.g. from ``bench/onnx_variants.py``), a fast mode
+  unless its JSON says fp32, run by mert-extract's onnx backend, optionally with other onnxruntime session
+  options or another window: ``nospin`` (``session.intra_op.allow_spinning`` 0), ``arena`` (CPU memory arena
+  on), ``extended`` (graph optimisation level EXTENDED instead of ALL), ``parallel`` (ORT_PARALLEL execution,
+  2 inter-op threads), ``window=SECONDS`` (default 30, 1 s overlaps).
 
 A mode more than 4x slower than the median at warm-up is timed once (its warm-up) instead of repeated.
+Exported graphs are kept in ``--workdir`` under fixed names and reused when present: a workdir of an older
+exporter keeps its older graphs (before 2026-11-30's ``--attention``, ``PRESET-dynamic*.onnx`` were standard).
 
 Accuracy of every mode against ``torch fp32`` on the clip: per hidden state, the cosine similarity of each
 frame; printed are the lowest per-layer mean and the lowest single frame. The contract a fast mode must meet
@@ -18,7 +27,8 @@ the int8 export gate). "Real signal": pass recordings with ``--audio`` (concaten
 clip is a synthetic chord progression.
 
     .venv/bin/python bench/extract_speed.py --workdir W [--audio a.wav b.wav ...] [--threads 2] [--repeats 3]
-        [--modes hf,torch,onnx,bf16,fp16,int8] [--with-fixed] [--device cpu|cuda]
+        [--modes hf,torch,onnx,onnx-std,bf16,fp16,int8,int8-std] [--with-fixed] [--device cpu|cuda]
+        [--extra NAME=GRAPH.onnx[:OPTION,...] ...]
 """
 import argparse
 import os
@@ -33,7 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 SR = 24000
 CONTRACT = 0.99
-FAST_MODES = ("torch bf16", "onnx fp16", "onnx int8")
+FAST_MODES = ["torch bf16", "onnx fp16", "onnx int8", "onnx int8 std-attn"]
+SESSION_OPTIONS = ("nospin", "arena", "extended", "parallel")
 SLOW_FACTOR = 4.0  # a mode whose warm-up takes this many times the median warm-up is timed once
 
 
@@ -77,6 +88,40 @@ def encode_track(backend, wav):
     return out
 
 
+def extra_backend(spec, threads, device):
+    """``NAME=GRAPH.onnx[:OPTION,...]`` -> (name, OnnxBackend, is a fast mode); see the module doc."""
+    import onnxruntime as ort
+
+    from extractors.cli import OnnxBackend
+    from extractors.onnx_model import OnnxMERT, onnx_providers
+
+    name, _, rest = spec.partition("=")
+    path, _, options = rest.partition(":")
+    opts = [o for o in options.split(",") if o]
+    window = next((float(o.split("=", 1)[1]) for o in opts if o.startswith("window=")), None)
+    unknown = [o for o in opts if o not in SESSION_OPTIONS and not o.startswith("window=")]
+    if not name or not path or unknown:
+        raise SystemExit(f"--extra {spec!r}: expected NAME=GRAPH.onnx[:OPTION,...] with options from "
+                         f"{', '.join(SESSION_OPTIONS)}, window=SECONDS")
+    graph = OnnxMERT(path, num_threads=threads, device=device, window_seconds=window)
+    if any(o in SESSION_OPTIONS for o in opts):  # the runner's session, with the options changed
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level, so.enable_cpu_mem_arena = 3, False
+        if "nospin" in opts:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if "arena" in opts:
+            so.enable_cpu_mem_arena = True
+        if "extended" in opts:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        if "parallel" in opts:
+            so.execution_mode, so.inter_op_num_threads = ort.ExecutionMode.ORT_PARALLEL, 2
+        graph.session = ort.InferenceSession(path, so, providers=onnx_providers(device))
+    return name, OnnxBackend(graph, list(range(graph.info.num_hidden_states)), SR), graph.info.precision != "fp32"
+
+
 def cosines(got, ref):
     from extractors.export_onnx import frame_cosines
 
@@ -93,7 +138,11 @@ def main():
     ap.add_argument("--audio", nargs="*", default=[], help="recordings to use as the clip (real signal)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--modes", default="hf,torch,onnx,bf16,fp16,int8")
+    ap.add_argument("--modes", default="hf,torch,onnx,bf16,fp16,int8",
+                    help="any of hf,torch,onnx,onnx-std,bf16,fp16,int8,int8-std")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=GRAPH.onnx[:OPTION,...]",
+                    help="another graph to time (repeatable); options: nospin, arena, extended, parallel, "
+                         "window=SECONDS")
     ap.add_argument("--with-fixed", action="store_true", help="also the fixed 5 s graph (Essentia's)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: torch modes only, plus onnx if "
                                                    "onnxruntime-gpu is installed)")
@@ -152,12 +201,22 @@ def main():
         backends["torch bf16"] = TorchBackend(model, layers, 30 * SR, SR, device=args.device, precision="bf16")
     if "onnx" in modes:
         backends["onnx fp32"] = graph("dynamic", length="dynamic")
+    if "onnx-std" in modes:
+        backends["onnx fp32 std-attn"] = graph("dynamic-std", length="dynamic", attention="standard")
     if args.with_fixed:
         backends["onnx fp32 5s-fixed"] = graph("fixed5s")
     if "fp16" in modes:
         backends["onnx fp16"] = graph("dynamic-fp16", length="dynamic", quantize="fp16")
     if "int8" in modes:
         backends["onnx int8"] = graph("dynamic-int8", length="dynamic", quantize="int8")
+    if "int8-std" in modes:
+        backends["onnx int8 std-attn"] = graph("dynamic-std-int8", length="dynamic", quantize="int8",
+                                               attention="standard")
+    for spec in args.extra:
+        name, backend, fast = extra_backend(spec, args.threads, args.device)
+        backends[name] = backend
+        if fast:
+            FAST_MODES.append(name)
     for name, backend in backends.items():
         candidates[name] = (lambda b: (lambda: encode_track(b, clip)))(backend)
 
@@ -179,7 +238,8 @@ def main():
     base = timings.median("hf fp32") if "hf fp32" in candidates else None
     print(f"\n== {total:g} s clip ({what}), {args.threads} threads, {args.device}, median of {args.repeats} "
           f"runs after 1 warm-up; load before {load}, after {load_average()} ==")
-    print(f"{'mode':20s} {'median s':>9s} {'audio s/s':>10s} {'vs hf fp32':>10s} {'CPU s':>7s}  "
+    width = max([20] + [len(n) for n in candidates])
+    print(f"{'mode':{width}s} {'median s':>9s} {'audio s/s':>10s} {'vs hf fp32':>10s} {'CPU s':>7s}  "
           f"{'min layer-mean cos':>18s} {'min frame cos':>13s}  contract")
     for name in candidates:
         med = timings.median(name)
@@ -192,7 +252,7 @@ def main():
         else:
             acc = f"{'(reference)':>18s} {'':13s}"
         runs = "1 run (its warm-up): too slow to repeat" if name in slow else f"runs {timings.runs(name)}"
-        print(f"{name:20s} {med:9.2f} {total / med:10.2f} {ratio} {timings.median_cpu(name):7.2f}  {acc}"
+        print(f"{name:{width}s} {med:9.2f} {total / med:10.2f} {ratio} {timings.median_cpu(name):7.2f}  {acc}"
               f"   {runs}")
     if ref is not None and "hf fp32" in outputs:
         print(f"check: hf fp32 vs torch fp32 max|diff| = {np.abs(outputs['hf fp32'] - ref).max():.2e}")
