@@ -22,9 +22,23 @@ exporter keeps its older graphs (before 2026-11-30's ``--attention``, ``PRESET-d
 
 Accuracy of every mode against ``torch fp32`` on the clip: per hidden state, the cosine similarity of each
 frame; printed are the lowest per-layer mean and the lowest single frame. The contract a fast mode must meet
-to be offered at all (fp32 stays the default): every hidden state's mean frame cosine >= ``CONTRACT`` (0.99,
-the int8 export gate). "Real signal": pass recordings with ``--audio`` (concatenated and cut to ``--seconds``); without it the
-clip is a synthetic chord progression.
+to be offered at all (fp32 stays the default) has three criteria, each checked and reported on its own
+(:func:`contract_checks`); the mode "meets" it only if all hold, else the line says FAILS and names the failed
+ones:
+
+1. ``layer-mean``: every hidden state's mean frame cosine >= ``CONTRACT`` (0.99, the int8 export gate's bound);
+2. ``frame``: every single frame's cosine >= ``CONTRACT_FRAME`` (0.98). A mean hides a few lost frames (a
+   quantised conv stem kept the layer mean at 0.9903 while quiet passages fell to 0.51); the modes that met
+   the contract on 2026-11-30 had lowest frames 0.9979-0.999998 (docs/BENCHMARKS.md), so 0.98 leaves them a
+   tenfold margin in 1 - cosine and is still looser per frame than the layer-mean bound is on average;
+3. ``export gate`` (ONNX graphs only; torch modes have no export): the graph's ``.json`` (written by
+   ``mert-export-onnx``, or by ``bench/onnx_variants.py`` for its variants) records a passed gate: fp32
+   parity max abs diff <= its tolerance and, for a quantised graph, its ``accuracy_vs_fp32`` lowest layer-mean
+   cosine >= its ``min_cosine_required`` (``QUANTIZE_MIN_COSINE`` when not recorded). No JSON, or no gate
+   figures in it, fails: nothing recorded, nothing met (``extractors.export_onnx.recorded_gate``).
+
+"Real signal": pass recordings with ``--audio`` (concatenated and cut to ``--seconds``); without it the clip
+is a synthetic chord progression.
 
     .venv/bin/python bench/extract_speed.py --workdir W [--audio a.wav b.wav ...] [--threads 2] [--repeats 3]
         [--modes hf,torch,onnx,onnx-std,bf16,fp16,int8,int8-std] [--with-fixed] [--device cpu|cuda]
@@ -42,7 +56,8 @@ from _common import alternate, load_average, machine_line, timed
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SR = 24000
-CONTRACT = 0.99
+CONTRACT = 0.99        # every hidden state's mean frame cosine to torch fp32 (criterion 1)
+CONTRACT_FRAME = 0.98  # every single frame's cosine to torch fp32 (criterion 2; see the module doc)
 FAST_MODES = ["torch bf16", "onnx fp16", "onnx int8", "onnx int8 std-attn"]
 SESSION_OPTIONS = ("nospin", "arena", "extended", "parallel")
 SLOW_FACTOR = 4.0  # a mode whose warm-up takes this many times the median warm-up is timed once
@@ -129,6 +144,24 @@ def cosines(got, ref):
     return float(cos.mean(-1).min()), float(cos.min())
 
 
+def contract_checks(got, ref, gate=None):
+    """Each criterion of the contract for one mode's hidden states ``got`` against ``ref`` (torch fp32), both
+    [L, T, D]: ``[(name, passed, detail), ...]``. ``gate``: ``recorded_gate`` of an ONNX graph's JSON,
+    None for a torch mode (no export, no gate criterion)."""
+    mean_cos, min_cos = cosines(got, ref)
+    checks = [(f"layer-mean >= {CONTRACT}", mean_cos >= CONTRACT, f"{mean_cos:.6f}"),
+              (f"frame >= {CONTRACT_FRAME}", min_cos >= CONTRACT_FRAME, f"{min_cos:.6f}")]
+    if gate is not None:
+        checks.append(("export gate", bool(gate[0]), gate[1]))
+    return checks
+
+
+def contract_verdict(checks):
+    """``meets (n/n)`` or ``FAILS: name (detail); ...`` naming every failed criterion."""
+    failed = [f"{n} ({d})" for n, ok, d in checks if not ok]
+    return f"FAILS: {'; '.join(failed)}" if failed else f"meets ({len(checks)}/{len(checks)})"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="mert-v1-95m")
@@ -155,7 +188,7 @@ def main():
     import transformers
 
     from extractors.cli import OnnxBackend, TorchBackend
-    from extractors.export_onnx import export_onnx
+    from extractors.export_onnx import export_onnx, recorded_gate
     from extractors.onnx_model import OnnxMERT
     from mert_plugin import MERTModel
 
@@ -246,14 +279,22 @@ def main():
         ratio = f"{base / med:9.2f}x" if base else "        -"
         if ref is not None and name != "torch fp32":
             mean_cos, min_cos = cosines(outputs[name], ref)
-            verdict = ("meets" if mean_cos >= CONTRACT else "FAILS") if name in FAST_MODES else \
-                "  -  "  # not a fast mode: an fp32 path (the fixed graph's 5 s windows see less context)
+            if name in FAST_MODES:
+                backend = backends.get(name)
+                gate = recorded_gate(backend.graph.metadata) if isinstance(backend, OnnxBackend) else None
+                verdict = contract_verdict(contract_checks(outputs[name], ref, gate))
+            else:
+                verdict = "  -  "  # not a fast mode: an fp32 path (the fixed graph's 5 s windows see less context)
             acc = f"{mean_cos:18.6f} {min_cos:13.6f}  {verdict}"
         else:
             acc = f"{'(reference)':>18s} {'':13s}"
         runs = "1 run (its warm-up): too slow to repeat" if name in slow else f"runs {timings.runs(name)}"
         print(f"{name:{width}s} {med:9.2f} {total / med:10.2f} {ratio} {timings.median_cpu(name):7.2f}  {acc}"
               f"   {runs}")
+    if ref is not None and any(n in FAST_MODES for n in candidates):
+        print(f"contract (fast modes; 'meets' only if all hold): every hidden state's mean frame cosine >= "
+              f"{CONTRACT}; every frame's cosine >= {CONTRACT_FRAME}; ONNX graphs: the export gate their .json "
+              f"records passed (fp32 parity within its tolerance; quantised: accuracy_vs_fp32 >= its bound)")
     if ref is not None and "hf fp32" in outputs:
         print(f"check: hf fp32 vs torch fp32 max|diff| = {np.abs(outputs['hf fp32'] - ref).max():.2e}")
 

@@ -55,7 +55,7 @@ import os
 import sys
 import types
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -330,6 +330,33 @@ def check_accuracy(model: MERTModel, graph_path: str, window: int, num_threads: 
     return {"layer_mean_cosine": [round(float(v), 6) for v in per_frame.mean(1)],
             "layer_min_cosine": [round(float(v), 6) for v in per_frame.min(1)],
             "max_abs_diff": worst}
+
+
+def recorded_gate(metadata: Optional[Dict]) -> Tuple[bool, str]:
+    """``(passed, detail)``: whether the gate recorded in a graph's JSON (``OnnxMERT.metadata``; None: no JSON)
+    passed. fp32 parity max abs diff <= its tolerance and, for a quantised graph, its ``accuracy_vs_fp32``
+    lowest layer-mean cosine >= ``min_cosine_required`` (``QUANTIZE_MIN_COSINE`` of its precision when not
+    recorded, as in the variants ``bench/onnx_variants.py`` writes). :func:`export_onnx` writes no graph that
+    fails; a graph from elsewhere, or a benchmark's variant, may: nothing recorded counts as failed."""
+    export = (metadata or {}).get("export")
+    if not export:
+        return False, "not recorded (no .json metadata with an export block)"
+    diffs, tol = export.get("parity_max_abs_diff"), export.get("parity_tolerance")
+    if not diffs or tol is None:
+        return False, "fp32 parity not recorded"
+    worst = max(float(v) for v in diffs.values())
+    parity = f"parity {worst:.1e} {'<=' if worst <= tol else '>'} {tol:.0e}"
+    if not worst <= tol:
+        return False, parity
+    precision = export.get("precision", "fp32")
+    if precision == "fp32":
+        return True, parity
+    acc = export.get("accuracy_vs_fp32")
+    required = (acc or {}).get("min_cosine_required", QUANTIZE_MIN_COSINE.get(precision))
+    if not acc or not acc.get("layer_mean_cosine") or required is None:
+        return False, f"{precision} accuracy gate not recorded"
+    got = min(float(v) for v in acc["layer_mean_cosine"])
+    return got >= required, f"{precision} gate {got:.5f} {'>=' if got >= required else '<'} {required}"
 
 
 def quantize_graph(src: str, dst: str, mode: str) -> None:
