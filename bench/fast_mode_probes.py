@@ -11,7 +11,8 @@ them (subprocesses, ``--threads`` each):
 * ``torch fp32`` (the reference): ``mert-extract --model DEMO/pretrain/export``;
 * ``torch bf16``: the same with ``--precision bf16`` (autocast);
 * ``onnx fp32``, ``onnx fp16``, ``onnx int8``: ``mert-export-onnx --length dynamic [--quantize fp16|int8]`` of the
-  same model, then ``mert-extract --model GRAPH.onnx``. Dynamic graphs, so that every mode uses the same 30 s
+  same model (the exporter's default attention, ``fused`` for dynamic graphs since 2026-11-30), then
+  ``mert-extract --model GRAPH.onnx``. Dynamic graphs, so that every mode uses the same 30 s
   windows (each clip of the demo corpus is one pass); the demo's own ``DEMO/onnx/*.onnx`` are fixed 5 s graphs,
   whose windows would differ from torch's on clips longer than 5 s and mix context into the comparison.
 
@@ -23,7 +24,10 @@ Criteria for each fast mode (all must pass, else its verdict is NO):
 
 1. **cosine**: on every clip, every hidden state's mean frame cosine to torch fp32 >= ``CONTRACT_COSINE`` (0.99,
    the contract of ``bench/extract_speed.py`` and the int8 export gate);
-2. **probe, per task**: ``|score - score_fp32| <= std_fp32 + std_mode`` (scores: test split, weighted-sum
+2. **frame**: every single frame of every clip >= ``CONTRACT_FRAME`` (0.98, as in ``bench/extract_speed.py``: a
+   layer mean can hide a few lost frames);
+3. **export gate** (ONNX modes): the gate the graph's JSON records passed (``extractors.export_onnx.recorded_gate``);
+4. **probe, per task**: ``|score - score_fp32| <= std_fp32 + std_mode`` (scores: test split, weighted-sum
    probe, mean and std over seeds; the sum of the two seed spreads is the demo's own rule for calling two feature
    sets different, ``mert_plugin.demo.verdict_checks``).
 
@@ -55,6 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 CONTRACT_COSINE = 0.99
+CONTRACT_FRAME = 0.98  # the lowest single frame's cosine (bench/extract_speed.py's CONTRACT_FRAME)
 REFERENCE = "torch fp32"
 # short name -> (mode, backend, torch --precision or onnx --quantize)
 MODES = {"fp32": (REFERENCE, "torch", None), "bf16": ("torch bf16", "torch", "bf16"),
@@ -82,18 +87,26 @@ def cosine_summary(per_clip: Mapping[str, np.ndarray], frames: Mapping[str, np.n
 
 
 def mode_verdicts(probe: Mapping[str, Mapping], cosines: Mapping[str, dict], modes: Sequence[str],
-                  contract: float = CONTRACT_COSINE) -> Dict[str, List[tuple]]:
+                  contract: float = CONTRACT_COSINE, gates: Optional[Mapping[str, tuple]] = None,
+                  frame_contract: float = CONTRACT_FRAME) -> Dict[str, List[tuple]]:
     """Every criterion of every fast mode: ``{mode: [(name, passed, detail), ...]}``. ``probe`` is
-    ``run_probe``'s ``report["probe"]``; a mode or task absent from it fails (nothing measured, nothing met)."""
+    ``run_probe``'s ``report["probe"]``; a mode or task absent from it fails (nothing measured, nothing met).
+    ``gates``: ``{mode: recorded_gate(graph JSON)}`` of the ONNX modes; a mode not in it (torch) has no gate
+    criterion."""
     out = {}
     for mode in modes:
         checks = []
         cos = cosines.get(mode)
         if cos is None:
             checks.append((f"cosine >= {contract}", False, "not measured"))
+            checks.append((f"frame >= {frame_contract}", False, "not measured"))
         else:
             checks.append((f"cosine >= {contract}", cos["worst_clip_layer_mean"] >= contract,
                            f"worst clip's layer mean {cos['worst_clip_layer_mean']:.6f}"))
+            checks.append((f"frame >= {frame_contract}", cos["min_frame"] >= frame_contract,
+                           f"lowest frame {cos['min_frame']:.6f}"))
+        if gates is not None and mode in gates:
+            checks.append(("export gate", bool(gates[mode][0]), gates[mode][1]))
         for task, e in probe.items():
             if mode not in e or REFERENCE not in e:
                 checks.append((f"{task} within seed spread", False, "not probed"))
@@ -199,7 +212,8 @@ def frame_cosines_vs(ref_dir: Path, got_dir: Path, clips: Sequence[str]) -> dict
 
 
 # ------------------------------------------------------------------------------------------- report
-def print_report(probe: Mapping, cosines: Mapping, fast: Sequence[str], seconds: Mapping, verdicts: Mapping) -> None:
+def print_report(probe: Mapping, cosines: Mapping, fast: Sequence[str], seconds: Mapping, verdicts: Mapping,
+                 gates: Optional[Mapping[str, tuple]] = None) -> None:
     names = [REFERENCE] + list(fast)
     print("\n== probe scores (test split, weighted-sum MLP probe, mean ± std over seeds) ==")
     print(f"{'task':<11} {'metric':<9} {'mode':<11} {'score':>15} {'diff vs fp32':>13} {'seed spread':>12}  within")
@@ -217,7 +231,7 @@ def print_report(probe: Mapping, cosines: Mapping, fast: Sequence[str], seconds:
             print(f"{head} {m:<11} {score:>15} {diff:>+13.3f} {spread:>12.3f}  {'PASS' if ok else 'FAIL'}")
     print("\n== frame cosine to torch fp32, every frame of every clip ==")
     print(f"{'mode':<11} {'clips':>6} {'min layer mean':>15} {'worst clip layer mean':>22} {'min frame':>10} "
-          f"{'extract s':>10}  cosine >= {CONTRACT_COSINE}")
+          f"{'extract s':>10}  cosine >= {CONTRACT_COSINE}  frame >= {CONTRACT_FRAME}  export gate")
 
     def secs(mode):  # wall s of mert-extract (decoding included); "reused": features of an earlier run
         return "reused" if seconds.get(mode) is None else f"{seconds[mode]:.0f}"
@@ -225,11 +239,15 @@ def print_report(probe: Mapping, cosines: Mapping, fast: Sequence[str], seconds:
     print(f"{REFERENCE:<11} {'':>6} {'(reference)':>15} {'':>22} {'':>10} {secs(REFERENCE):>10}")
     for m in fast:
         c = cosines[m]
+        gate = (gates or {}).get(m)
         print(f"{m:<11} {c['clips']:>6} {min(c['layer_mean']):>15.6f} {c['worst_clip_layer_mean']:>22.6f} "
               f"{c['min_frame']:>10.6f} {secs(m):>10}  "
-              f"{'PASS' if c['worst_clip_layer_mean'] >= CONTRACT_COSINE else 'FAIL'}")
+              f"{'PASS' if c['worst_clip_layer_mean'] >= CONTRACT_COSINE else 'FAIL':<14}"
+              f"{'PASS' if c['min_frame'] >= CONTRACT_FRAME else 'FAIL':<14}"
+              f"{'-' if gate is None else ('PASS' if gate[0] else 'FAIL') + f' ({gate[1]})'}")
     print(f"\nCriteria (each mode against {REFERENCE}): on every clip every hidden state's mean frame cosine to fp32 >= "
-          f"{CONTRACT_COSINE}; on every task |score - fp32| <= std_fp32 + std_mode (the demo's summed seed spread).")
+          f"{CONTRACT_COSINE}; every frame's cosine >= {CONTRACT_FRAME}; ONNX graphs: the export gate their JSON "
+          f"records passed; on every task |score - fp32| <= std_fp32 + std_mode (the demo's summed seed spread).")
     for m in fast:
         failed = [f"{n} ({d})" for n, ok, d in verdicts[m] if not ok]
         print(f"  {m:<11} meets the contract on this model: {'NO' if failed else 'YES'}"
@@ -270,11 +288,19 @@ def main(argv=None) -> int:
     inputs = work / "inputs"
     link_inputs(pieces["corpus"], clips, inputs)
 
-    folders, seconds = {}, {}
+    from extractors.export_onnx import recorded_gate
+    from extractors.onnx_model import metadata_path
+
+    folders, seconds, gates, attention = {}, {}, {}, {}
     for key in ["fp32"] + keys:
         mode, backend, prec = MODES[key]
         print(f"\n-- {mode}", flush=True)
         model = pieces["model"] if backend == "torch" else export_graph(pieces["model"], work, prec, args.threads)
+        if backend == "onnx":
+            meta = metadata_path(model)
+            meta = json.loads(Path(meta).read_text()) if os.path.isfile(meta) else None
+            gates[mode] = recorded_gate(meta)
+            attention[mode] = (meta or {}).get("export", {}).get("attention", "not recorded")
         folders[mode] = work / "features" / mode.replace(" ", "-")
         seconds[mode] = extract(mode, model, inputs, folders[mode], prec if backend == "torch" else None, args.threads)
     cosines = {}
@@ -289,10 +315,12 @@ def main(argv=None) -> int:
     report = run_probe(out, corpus_dir=pieces["corpus"], tasks=tasks, baselines=(), seeds=args.seeds,
                        feature_sets={m: str(f) for m, f in folders.items()}, progress=False)
     print(f"    ({time.perf_counter() - t0:.0f} s)")
-    verdicts = mode_verdicts(report["probe"], cosines, fast)
-    print_report(report["probe"], cosines, fast, seconds, verdicts)
+    verdicts = mode_verdicts(report["probe"], cosines, fast, gates=gates)
+    print_report(report["probe"], cosines, fast, seconds, verdicts, gates)
     summary = {"demo_dir": str(demo), "model": str(pieces["model"]), "tasks": tasks, "seeds": args.seeds,
                "threads": args.threads, "clips": len(clips), "extract_seconds": seconds, "cosine": cosines,
+               "export_gate": {m: {"passed": bool(ok), "detail": d} for m, (ok, d) in gates.items()},
+               "graph_attention": attention,
                "probe": {t: {m: [e[m], e[f"{m}_std"]] for m in folders} for t, e in report["probe"].items()},
                "criteria": {m: [{"name": n, "passed": bool(ok), "detail": d} for n, ok, d in v]
                             for m, v in verdicts.items()},
