@@ -12,7 +12,8 @@ Every step uses the project's real entry points, offline, on 2 CPU cores:
 4. ``OnnxPredictMERT`` on ``essentia.standard.MonoLoader`` audio: all layers, mean-pooled
    per clip;
 5. ``mert-probe``: MARBLE-style probes per layer and weighted sum, pretrained vs random
-   init vs a CQT baseline, 3 seeds; ``report.json``, ``report.md`` and plots.
+   init vs a CQT baseline and a level-only baseline (loudness and envelope, no spectrum),
+   3 seeds, paired comparisons over the test pieces; ``report.json``, ``report.md`` and plots.
 
 Work already done is reused on a rerun with the same settings (every step is resumable); a rerun
 with other settings into the same ``--out`` is refused (use ``--fresh``). Run::
@@ -49,9 +50,9 @@ def build_corpus(out: Path, num_pieces: int, seed: int, quick: bool) -> Path:
 
     corpus = out / "corpus"
     # Quick: one composer, so its few pieces still fill train, valid and test.
-    small = dict(composers=("bach",), note_variants=4, pitch_range=(60, 66), max_piece_seconds=10.0,
+    shape = dict(composers=("bach",), note_variants=4, pitch_range=(60, 66), max_piece_seconds=10.0,
                  tasks=("instrument", "pitch")) if quick else {}
-    build(corpus, num_pieces=num_pieces, seed=seed, progress=True, **small)
+    build(corpus, num_pieces=num_pieces, seed=seed, progress=True, **shape)
     return corpus
 
 
@@ -163,7 +164,7 @@ def probe(corpus: Path, features, train_log: Path, out: Path, tasks, seeds):
     from mert_plugin.probe import run_probe
 
     return run_probe(out / "probe", corpus_dir=corpus, tasks=tasks, feature_sets={k: str(v) for k, v in features.items()},
-                     baselines=("cqt",), seeds=seeds, train_log=str(train_log) if train_log.exists() else None)
+                     baselines=("cqt", "level"), seeds=seeds, train_log=str(train_log) if train_log.exists() else None)
 
 
 MUST_WIN = ("pitch", "instrument")  # the musical knowledge MERT's teachers are meant to put into the layers
@@ -179,25 +180,37 @@ def _last_valid_stats(train_log: Path) -> dict:
 def verdict_checks(report, valid_stats: dict) -> list:
     """The demo's criteria, each ``(name, passed, detail)``; the verdict is YES only when all pass.
 
-    1. pretrained beats its random init on pitch AND instrument by more than the summed spread;
-    2. it loses on no task by more than the summed spread;
+    1. pretrained is *better* than its random init on pitch AND on instrument;
+    2. it is *worse* on no task;
     3. its features are not collapsed: effective rank >= half the random init's at every layer
        (every task's training clips);
     4. masked prediction beats the unigram baseline of the teacher's codes (validation split).
+
+    Better / worse (:mod:`mert_plugin.probe.compare`): the score difference is beyond the summed
+    seed spread of the two probes AND a paired bootstrap over the test pieces puts its 95 %
+    interval wholly above (below) 0. A report without these comparisons (made before they
+    existed) fails criteria 1 and 2: nothing measured, nothing met.
     """
+    from mert_plugin.probe.compare import BETTER, WORSE, describe
+
     probe = report["probe"]
     checks = []
+
+    def vs_random(e):
+        return e.get("comparisons", {}).get("random_init")
+
     for task in MUST_WIN:
-        if task not in probe:
-            checks.append((f"beats random init on {task}", False, "task not probed"))
+        c = vs_random(probe[task]) if task in probe else None
+        if c is None:
+            checks.append((f"better than random init on {task}", False,
+                           "task not probed" if task not in probe else "no paired comparison in the report"))
             continue
-        e = probe[task]
-        margin, spread = e["pretrained"] - e["random_init"], e["pretrained_std"] + e["random_init_std"]
-        checks.append((f"beats random init on {task}", margin > spread, f"{margin:+.3f} vs spread {spread:.3f}"))
-    losses = [f"{t} {e['pretrained'] - e['random_init']:+.3f} vs {e['pretrained_std'] + e['random_init_std']:.3f}"
-              for t, e in probe.items()
-              if e["random_init"] - e["pretrained"] > e["pretrained_std"] + e["random_init_std"]]
-    checks.append(("loses on no task beyond the spread", not losses, "; ".join(losses) or "none"))
+        checks.append((f"better than random init on {task}", c["decision"] == BETTER, describe(c)))
+    unknown = [t for t, e in probe.items() if vs_random(e) is None]
+    losses = [f"{t} {describe(vs_random(e))}" for t, e in probe.items()
+              if vs_random(e) is not None and vs_random(e)["decision"] == WORSE]
+    detail = "; ".join(losses + [f"{t}: no paired comparison" for t in unknown]) or "none"
+    checks.append(("worse than random init on no task", not losses and not unknown, detail))
     worst = None
     for task, e in probe.items():
         sets = e.get("feature_sets", {})
@@ -231,14 +244,18 @@ def verdict_checks(report, valid_stats: dict) -> list:
 
 def verdict(report, valid_stats: dict) -> bool:
     """Print the probe table and every criterion; True only when all of them pass."""
-    print("\n    Weighted-sum probes, test split, mean ± std over seeds:")
-    print("    task          metric     pretrained        random init       cqt baseline      margin vs spread")
+    from mert_plugin.probe.compare import describe
+
+    print("\n    Weighted-sum probes, test split, mean ± std over seeds; pretrained - random init with its paired "
+          "bootstrap interval over the test pieces:")
+    print("    task          metric     pretrained        random init       cqt baseline      level baseline    "
+          "pretrained - random init")
     for task, e in report["probe"].items():
-        margin = e["pretrained"] - e["random_init"]
-        spread = e["pretrained_std"] + e["random_init_std"]
+        c = e.get("comparisons", {}).get("random_init")
         print(f"    {task:<13} {e['metric']:<10} {e['pretrained']:.3f} ± {e['pretrained_std']:.3f}   "
               f"{e['random_init']:.3f} ± {e['random_init_std']:.3f}   {e.get('cqt', float('nan')):.3f} ± "
-              f"{e.get('cqt_std', float('nan')):.3f}   {margin:+.3f} vs {spread:.3f}")
+              f"{e.get('cqt_std', float('nan')):.3f}   {e.get('level', float('nan')):.3f} ± "
+              f"{e.get('level_std', float('nan')):.3f}   {describe(c) + ': ' + c['decision'] if c else 'n/a'}")
     checks = verdict_checks(report, valid_stats)
     print("\n    Criteria:")
     for name, ok, detail in checks:
@@ -339,7 +356,7 @@ def main(argv=None) -> int:
     t = _step("4/6 features: essentia MonoLoader -> OnnxPredictMERT, mean over time, all layers")
     features = extract(corpus, graphs, out)
     _done(t)
-    t = _step(f"5/6 probing (mert-probe): per layer + weighted sum, {len(seeds)} seeds, CQT baseline")
+    t = _step(f"5/6 probing (mert-probe): per layer + weighted sum, {len(seeds)} seeds, CQT and level baselines")
     train_log = out / "pretrain" / "train_log.txt"
     report = probe(corpus, features, train_log, out, args.tasks, seeds)
     _done(t)

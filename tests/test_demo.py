@@ -90,14 +90,22 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     assert claim_output_folder(tmp_path / "new" / "deeper", settings) is None  # a new folder is created
 
 
-def _report(pitch=(0.8, 0.5), instrument=(0.7, 0.5), key=(0.1, 0.1), ranks=((8.0, 8.0), (10.0, 10.0)), std=0.02):
-    """A probe report: (pretrained, random init) scores per task; ranks: (pretrained, random init) per layer."""
+def _report(pitch=(0.8, 0.5), instrument=(0.7, 0.5), key=(0.1, 0.1), ranks=((8.0, 8.0), (10.0, 10.0)), std=0.02,
+            wide=(), pieces=10):
+    """A probe report: (pretrained, random init) scores per task; ranks: (pretrained, random init) per layer.
+    Paired bootstrap intervals are the margin +- 0.05, or +- 0.5 for the tasks in ``wide`` (few test pieces)."""
+    from mert_plugin.probe.compare import compare
+
     probe = {}
     for task, (mine, ref) in {"pitch": pitch, "instrument": instrument, "key": key}.items():
         geometry = {name: {"geometry": {"effective_rank": [r[i] for r in ranks]}}
                     for i, name in enumerate(("pretrained", "random_init"))}
+        half = 0.5 if task in wide else 0.05
+        boot = {"ci_low": mine - ref - half, "ci_high": mine - ref + half, "test_pieces": pieces,
+                "confidence": 0.95, "draws": 2000}
         probe[task] = {"metric": "accuracy", "pretrained": mine, "random_init": ref, "pretrained_std": std,
-                       "random_init_std": std, "feature_sets": geometry}
+                       "random_init_std": std, "feature_sets": geometry,
+                       "comparisons": {"random_init": compare(mine, std, ref, std, boot)}}
     return {"probe": probe}
 
 
@@ -111,13 +119,21 @@ def test_verdict_needs_every_criterion():
         return all(passed for _, passed, _ in verdict_checks(report, valid))
 
     assert ok(_report())
-    assert not ok(_report(pitch=(0.52, 0.5)))                # a win inside the spread (0.04) is no win
+    assert not ok(_report(pitch=(0.52, 0.5)))                # a win inside the seed spread (0.04) is no win
+    assert not ok(_report(wide=("pitch",)))                  # ... nor one whose piece interval includes 0
     assert not ok(_report(instrument=(0.4, 0.5)))            # pitch alone is not enough
-    assert not ok(_report(key=(0.05, 0.2)))                  # a loss beyond the spread on any task
-    assert ok(_report(key=(0.09, 0.1)))                      # ... a loss within it is noise
+    assert not ok(_report(key=(0.05, 0.2)))                  # a loss beyond the spread and the interval
+    assert ok(_report(key=(0.09, 0.1)))                      # ... a loss within the spread is noise
+    assert ok(_report(key=(0.05, 0.2), wide=("key",)))       # ... so is one that the test pieces cannot show
     assert not ok(_report(ranks=((3.0, 8.0), (10.0, 10.0))))  # layer 0 collapsed: 3.0 < 8.0 / 2
     assert ok(_report(ranks=((4.0, 8.0), (10.0, 10.0))))  # half the random init is enough
     assert not ok(_report(), {**GOOD_VALID, "acoustic_acc": 0.05})  # below the codes' unigram
     assert not ok(_report(), {})                             # unchecked is not passed
+    old = _report()
+    del old["probe"]["key"]["comparisons"]                   # a report from before paired comparisons
+    checks = verdict_checks(old, GOOD_VALID)
+    assert not all(p for _, p, _ in checks) and any("key: no paired comparison" in d for _, _, d in checks)
     names = [name for name, _, _ in verdict_checks(_report(), GOOD_VALID)]
     assert len(names) == 5 and any("pitch" in n for n in names) and any("unigram" in n for n in names)
+    details = dict((n, d) for n, _, d in verdict_checks(_report(), GOOD_VALID))
+    assert "CI +0.250..+0.350 over 10 test pieces" in details["better than random init on pitch"]

@@ -210,6 +210,13 @@ def test_run_probe_report_plots_and_baseline(tone_corpus, tmp_path):
     g = e["feature_sets"]["pretrained"]["geometry"]
     assert len(g["effective_rank"]) == len(g["pc1_share"]) == 3
     assert "| tone | pretrained |" in md and "| tone | cqt |" not in md  # baselines have no layers to show
+    # Paired comparisons of the first set with the others, over the 12 test pieces (one clip each here)
+    assert set(e["comparisons"]) == {"random_init", "cqt"}
+    c = e["comparisons"]["random_init"]
+    assert c["margin"] == pytest.approx(e["pretrained"] - e["random_init"]) and c["test_pieces"] == 12
+    assert c["ci_low"] <= c["margin"] <= c["ci_high"] and c["decision"] == "better"
+    assert "test_outputs" not in e["feature_sets"]["pretrained"]          # per-clip outputs stay out of the report
+    assert f"| tone | pretrained − random_init | {c['margin']:+.3f} |" in md
 
 
 def test_run_probe_on_a_user_csv_without_splits(tone_corpus, tmp_path):

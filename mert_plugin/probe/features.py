@@ -23,7 +23,7 @@ import numpy as np
 from ..atomic import atomic_write_bytes
 from ..errors import MERTError
 
-BASELINES = ("cqt", "mfcc")
+BASELINES = ("cqt", "mfcc", "level")
 
 
 class ProbeError(MERTError, ValueError):
@@ -113,6 +113,13 @@ class HandcraftedExtractor:
       log magnitude, mean and std over time per bin -> D = 168.
     * ``mfcc``: nnAudio MFCC (20 coefficients, 128 mels, 1024-point FFT, hop 320),
       mean and std over time -> D = 40.
+    * ``level``: loudness and its course in time only, no spectrum: the frame RMS in dB
+      (1024-sample frames, hop 320) summarised by mean, std, min, max and its 10/50/90th
+      percentiles; the peak sample in dB and the crest factor (peak minus mean); the share of
+      frames within 20 dB of the loudest; and the envelope, the mean frame dB of 8 equal
+      parts of the clip minus the clip's mean -> D = 18. What a probe reads from it is what
+      level and envelope alone tell (attack/decay shapes tell instrument families apart), the
+      bar that "learnt timbre" must clear.
     """
 
     def __init__(self, kind: str, sample_rate: int = 24000):
@@ -122,7 +129,9 @@ class HandcraftedExtractor:
         if kind not in BASELINES:
             raise ProbeError(f"unknown baseline {kind!r}; choose from {list(BASELINES)}")
         self.kind, self.sample_rate, self.torch = kind, sample_rate, torch
-        if kind == "cqt":
+        if kind == "level":
+            self.layer = None
+        elif kind == "cqt":
             self.layer = nn_features.CQT1992v2(sr=sample_rate, hop_length=320, fmin=32.7, n_bins=84,
                                                bins_per_octave=12, verbose=False)
         else:
@@ -130,6 +139,8 @@ class HandcraftedExtractor:
                                           verbose=False)
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
+        if self.kind == "level":
+            return level_features(audio)[None]
         torch = self.torch
         with torch.no_grad():
             x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
@@ -138,6 +149,23 @@ class HandcraftedExtractor:
                 spec = torch.log(spec + 1e-5)
             feats = torch.cat([spec.mean(dim=1), spec.std(dim=1)])
         return feats.numpy()[None].astype(np.float32)
+
+
+def level_features(audio: np.ndarray, frame: int = 1024, hop: int = 320, parts: int = 8) -> np.ndarray:
+    """The ``level`` baseline of one clip: ``[num_samples] -> float32 [18]`` (see
+    :class:`HandcraftedExtractor`). Clips shorter than a frame are zero-padded to one frame."""
+    x = np.asarray(audio, dtype=np.float64).reshape(-1)
+    if len(x) < frame:
+        x = np.pad(x, (0, frame - len(x)))
+    starts = np.arange(0, len(x) - frame + 1, hop)
+    frames = np.lib.stride_tricks.sliding_window_view(x, frame)[starts]  # [T, frame]
+    db = 20 * np.log10(np.sqrt((frames ** 2).mean(1)) + 1e-8)           # [T]
+    peak = 20 * np.log10(np.abs(x).max() + 1e-8)
+    envelope = [part.mean() - db.mean() for part in np.array_split(db, parts) if len(part)]
+    envelope += [0.0] * (parts - len(envelope))                         # clips of fewer than 8 frames
+    stats = [db.mean(), db.std(), db.min(), db.max(), *np.percentile(db, [10, 50, 90]), peak, peak - db.mean(),
+             float(np.mean(db >= db.max() - 20.0))]
+    return np.asarray(stats + envelope, dtype=np.float32)
 
 
 def handcrafted_features(audio_root, rel_paths: Sequence[str], kind: str, sample_rate: int = 24000,

@@ -201,6 +201,9 @@ class SeedRun:
     best_epoch: np.ndarray
     epochs_run: int
     layer_weights: Optional[np.ndarray]  # [L] softmax weights of the weighted-sum probe
+    # The reported probe's (weighted sum, else the only layer) test outputs: predicted class
+    # [N_test], or tag probabilities [N_test, C] for multi-label (for paired comparisons).
+    test_outputs: Optional[np.ndarray] = None
 
 
 def train_probes(x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray,
@@ -273,8 +276,11 @@ def train_probes(x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray, 
     test = _score(logits, ys, multilabel).numpy()
     test_ap = macro_average_precision(torch.sigmoid(logits).numpy(), ys.numpy()) if multilabel else None
     lw = model.layer_weights()
+    head = logits[-1]  # the weighted-sum probe is the last one; with L == 1 the only one
+    outputs = torch.sigmoid(head).numpy() if multilabel else head.argmax(-1).numpy()
     return SeedRun(valid=best_score.numpy(), test=test, test_ap=test_ap, best_epoch=best_epoch.numpy(),
-                   epochs_run=epoch, layer_weights=None if lw is None else lw.detach().numpy())
+                   epochs_run=epoch, layer_weights=None if lw is None else lw.detach().numpy(),
+                   test_outputs=outputs)
 
 
 # --------------------------------------------------------------------------- several seeds
@@ -299,7 +305,10 @@ def probe_feature_set(x: np.ndarray, y: np.ndarray, splits: Sequence[str], *, nu
     layer when L == 1; mean and std over seeds), ``per_layer``/``per_layer_std``,
     ``best_layer`` (chosen on the *validation* mean, then reported on test),
     ``layer_weights`` (mean softmax weights), per-seed ``runs``, the training features'
-    ``geometry`` (:func:`feature_geometry`) and, for multi-label, AP.
+    ``geometry`` (:func:`feature_geometry`), for multi-label AP, and ``test_outputs``: every
+    seed's test outputs of the reported probe, ``[S][N_test]`` predicted classes or
+    ``[S][N_test][C]`` tag probabilities, in the order of the test clips in ``x`` (what a paired
+    comparison of two feature sets needs, :mod:`.compare`; ``run_probe`` drops them from its report).
     """
     splits = np.asarray(splits)
     parts = {s: np.flatnonzero(splits == s) for s in ("train", "valid", "test")}
@@ -326,6 +335,7 @@ def probe_feature_set(x: np.ndarray, y: np.ndarray, splits: Sequence[str], *, nu
         "best_epochs": [[int(e) for e in r.best_epoch] for r in runs],
         "seeds": [int(s) for s in seeds],
         "geometry": feature_geometry(x[parts["train"]]),
+        "test_outputs": [r.test_outputs.tolist() for r in runs],
     }
     if num_layers > 1:
         out["layer_weights"] = [float(v) for v in np.mean([r.layer_weights for r in runs], axis=0)]

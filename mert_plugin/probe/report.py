@@ -143,6 +143,19 @@ def write_markdown(report: Mapping, path: Path) -> Path:
         best = f"{fs0['best_layer']}: {_fmt(fs0['best_layer_score'], fs0['best_layer_std'])}"
         chance = "-" if e.get("chance") is None else f"{e['chance']:.3f}"
         lines.append(f"| {task} | {e['metric']} | {chance} | " + " | ".join(cells) + f" | {best} |")
+    comparisons = [(task, other, c) for task, e in probe.items() for other, c in e.get("comparisons", {}).items()]
+    if comparisons:
+        lines += ["", f"Paired comparisons of {sets[0]} with the others (test split). Difference = score of "
+                  f"{sets[0]} minus the other's; the interval is a paired bootstrap over test pieces (all clips of "
+                  "a piece drawn together); 'better'/'worse' need the difference beyond the seed spread AND an "
+                  "interval that excludes 0 (`mert_plugin/probe/compare.py`):", "",
+                  "| task | compared | difference | interval (test pieces) | seed spread | decision |",
+                  "|---|---|---|---|---|---|"]
+        for task, other, c in comparisons:
+            interval = "-" if c["ci_low"] is None else (f"{c['ci_low']:+.3f} .. {c['ci_high']:+.3f} "
+                                                        f"({c['test_pieces']})")
+            lines.append(f"| {task} | {sets[0]} − {other} | {c['margin']:+.3f} | {interval} | "
+                         f"{c['seed_spread']:.3f} | {c['decision']} |")
     lines += ["", "Clips per split:", ""]
     for task, e in probe.items():
         n = e["num_clips"]

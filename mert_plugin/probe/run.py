@@ -9,6 +9,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from ..corpus.tables import TaskTable, read_task_csv, split_counts
+from .compare import compare, paired_bootstrap
 from .features import BASELINES, ProbeError, handcrafted_features, load_feature_set
 from .mlp import ProbeConfig, encode_labels, probe_feature_set
 from .report import parse_train_log, write_report
@@ -40,6 +41,21 @@ def _chance(y_train: np.ndarray, y_test: np.ndarray, multilabel: bool) -> float:
     return float(np.mean(y_test == np.bincount(y_train).argmax()))
 
 
+def compare_to_main(results: Mapping[str, dict], y_test: np.ndarray, test_pieces: Sequence[str],
+                    multilabel: bool) -> Dict[str, dict]:
+    """The first feature set against every other one and every baseline, paired over the test
+    pieces (:mod:`.compare`): ``{other: comparison}``. Takes the per-clip ``test_outputs`` out of
+    ``results`` (they stay out of the report: a multi-label task's would be large)."""
+    outputs = {name: np.asarray(res.pop("test_outputs")) for name, res in results.items()}
+    names = list(results)
+    out = {}
+    for other in names[1:]:
+        boot = paired_bootstrap(outputs[names[0]], outputs[other], y_test, test_pieces, multilabel=multilabel)
+        a, b = results[names[0]], results[other]
+        out[other] = compare(a["score"], a["std"], b["score"], b["std"], boot)
+    return out
+
+
 def run_probe(out_dir, *, feature_sets: Mapping[str, object], corpus_dir=None,
               tasks: Optional[Sequence[str]] = None, task_csvs: Optional[Mapping[str, object]] = None,
               audio_root=None, baselines: Sequence[str] = ("cqt",), seeds: Sequence[int] = (0, 1, 2),
@@ -56,6 +72,10 @@ def run_probe(out_dir, *, feature_sets: Mapping[str, object], corpus_dir=None,
       the CSV's folder); needed for baselines only.
     * ``baselines``: hand-crafted features computed from the audio (``cqt``, ``mfcc``).
     * ``train_log``: a SpeechBrain ``train_log.txt`` whose loss curves are plotted.
+
+    Each task's entry has ``comparisons``: the first feature set against every other set and
+    baseline (score difference, seed spread, paired bootstrap interval over the test pieces and
+    the decision better / worse / not distinguishable; :mod:`.compare`).
     """
     t0 = time.perf_counter()
     if not feature_sets and not baselines:
@@ -109,6 +129,9 @@ def run_probe(out_dir, *, feature_sets: Mapping[str, object], corpus_dir=None,
             entry[name], entry[f"{name}_std"] = res["score"], res["std"]
             if table.multilabel:
                 entry[f"{name}_ap"], entry[f"{name}_ap_std"] = res["ap"], res["ap_std"]
+        entry["comparisons"] = compare_to_main(results, y[splits == "test"],
+                                               np.asarray(table.pieces, dtype=object)[splits == "test"],
+                                               table.multilabel)
         main = next(iter(results.values()))
         entry.update(per_layer=main["per_layer"], per_layer_std=main["per_layer_std"],
                      best_layer=main["best_layer"], feature_sets=results)
