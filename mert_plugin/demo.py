@@ -45,13 +45,21 @@ def _done(t0: float):
     print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
+# The demo's corpus is shaped for a paired comparison over test *pieces* (mert_plugin.probe.compare):
+# 12 pieces per composer, split 7/2/3, cut at 20 s, give 15 test pieces (3 per composer) from as
+# much audio as 8 pieces of 30 s per composer split 6/1/1 (one test piece per composer). Haydn has
+# only 9 scores in music21's corpus, so Beethoven (26) takes his place.
+DEMO_CORPUS = dict(composers=("bach", "palestrina", "monteverdi", "mozart", "beethoven"), max_piece_seconds=20.0,
+                   split_fractions=(0.6, 0.15, 0.25))
+
+
 def build_corpus(out: Path, num_pieces: int, seed: int, quick: bool) -> Path:
     from mert_plugin.corpus import build_corpus as build
 
     corpus = out / "corpus"
     # Quick: one composer, so its few pieces still fill train, valid and test.
     shape = dict(composers=("bach",), note_variants=4, pitch_range=(60, 66), max_piece_seconds=10.0,
-                 tasks=("instrument", "pitch")) if quick else {}
+                 tasks=("instrument", "pitch")) if quick else DEMO_CORPUS
     build(corpus, num_pieces=num_pieces, seed=seed, progress=True, **shape)
     return corpus
 
@@ -310,8 +318,8 @@ def claim_output_folder(out: Path, settings: dict):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="End-to-end MERT demo on an embedded corpus (offline, CPU).")
     ap.add_argument("--out", default=str(REPO / "demo_output"), help="output folder (default: demo_output/)")
-    ap.add_argument("--pieces", type=int, default=40, help="music21 pieces to render (default 40)")
-    ap.add_argument("--epochs", type=int, default=5, help="pretraining epochs (default 5)")
+    ap.add_argument("--pieces", type=int, default=60, help="music21 pieces to render (default 60)")
+    ap.add_argument("--epochs", type=int, default=6, help="pretraining epochs (default 6, about 780 updates)")
     ap.add_argument("--tasks", nargs="+", default=None, help="probe only these tasks (default: all)")
     ap.add_argument("--acoustic-teacher", default="cqt-kmeans", choices=["cqt-kmeans", "fitted", "none"],
                     help="acoustic teacher of the tiny recipe: 'cqt-kmeans' (default: k-means over a level-free "
@@ -336,6 +344,8 @@ def main(argv=None) -> int:
         args.pieces, args.epochs = min(args.pieces, 6), 1
     problem = claim_output_folder(out, {"pieces": args.pieces, "epochs": args.epochs, "seed": args.seed,
                                         "acoustic_teacher": args.acoustic_teacher, "quick": args.quick,
+                                        "corpus": {k: list(v) if isinstance(v, tuple) else v
+                                                   for k, v in DEMO_CORPUS.items()},
                                         "recipe_args": {"overrides": overrides, "flags": sorted(flags)}})
     if problem:
         ap.error(problem)
