@@ -235,7 +235,7 @@ def verdict_checks(report, valid_stats: dict) -> list:
     else:
         ratio, task, layer, a, b = worst
         checks.append(("features not collapsed (effective rank >= 1/2 of random init, every layer)", ratio >= 0.5,
-                       f"worst: {task} layer {layer}: {a:.1f} vs {b:.1f} ({ratio:.2f}x)"))
+                       f"worst: {task} layer {layer}: {a:.1f} vs {b:.1f} ({ratio:.3f}x)"))
     acc, uni = valid_stats.get("acoustic_acc"), valid_stats.get("unigram_acc")
     if acc is None or uni is None:
         checks.append(("masked prediction beats the codes' unigram", False, "no validation acoustic_acc/unigram_acc "

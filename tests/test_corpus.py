@@ -548,6 +548,7 @@ def test_import_folder_names_missing_files(tmp_path):
     (["build", "--clip-seconds", "60"], "max_piece_seconds"),
     (["build", "--pitch-min", "90", "--pitch-max", "80", "--tasks", "pitch"], "pitch_range"),
     (["build", "--pitch-min", "60", "--pitch-max", "120", "--tasks", "pitch"], "piano range"),
+    (["build", "--split-fractions", "0.7", "-0.1", "0.4", "--tasks", "pitch"], "split fractions"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path, capsys, args, message):
     rc = corpus_main(args[:1] + ["--out", str(tmp_path / "o"), "--quiet"] + args[1:])
@@ -570,3 +571,10 @@ def test_cli_builds_a_pitch_only_corpus(tmp_path, capsys):
                       "--quiet"])
     assert rc == 0 and "pitch" in capsys.readouterr().out
     assert len(read_task_csv(tmp_path / "o/pitch.csv")) == 2 * 3 * 2
+    # --split-fractions reaches the builder: no valid share -> no valid presets, and the manifest records it
+    rc = corpus_main(["build", "--out", str(tmp_path / "f"), "--tasks", "pitch", "--timbres", "flute", "pluck",
+                      "--renderer", "synth", "--note-variants", "3", "--pitch-min", "60", "--pitch-max", "60",
+                      "--note-seconds", "0.3", "--split-fractions", "0.5", "0", "0.5", "--quiet"])
+    assert rc == 0
+    assert json.loads((tmp_path / "f/corpus.json").read_text())["settings"]["split_fractions"] == [0.5, 0.0, 0.5]
+    assert "valid" not in read_task_csv(tmp_path / "f/pitch.csv").splits

@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-piece-seconds", type=float, default=30.0, help="render at most this much of a piece")
     b.add_argument("--clip-seconds", type=float, default=5.0)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--split-fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15],
+                   metavar=("TRAIN", "VALID", "TEST"),
+                   help="share of the pieces (per composer) and of the note presets / programs (per family) "
+                        "in each split (default 0.7 0.15 0.15; the demo uses 0.6 0.15 0.25 for more test pieces)")
     b.add_argument("--renderer", choices=RENDERERS, default="auto",
                    help="auto = soundfont when tinysoundfont and a soundfont (pretty_midi's TimGM6mb.sf2) are "
                         "installed, else the built-in synth; fluidsynth needs the binary and a GM soundfont")
@@ -113,6 +117,7 @@ def _run(args) -> int:
             timbres=args.timbres, tasks=args.tasks, transpose=not args.no_transpose,
             note_variants=args.note_variants, pitch_range=(args.pitch_min, args.pitch_max),
             note_seconds=args.note_seconds, key_min_correlation=args.key_min_correlation,
+            split_fractions=tuple(args.split_fractions),
             wav_subtype=args.wav_subtype, progress=not args.quiet)
     else:
         from .userdata import import_folder
