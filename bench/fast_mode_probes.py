@@ -65,13 +65,12 @@ REFERENCE = "torch fp32"
 MODES = {"fp32": (REFERENCE, "torch", None), "bf16": ("torch bf16", "torch", "bf16"),
          "onnx": ("onnx fp32", "onnx", None), "fp16": ("onnx fp16", "onnx", "fp16"),
          "int8": ("onnx int8", "onnx", "int8")}
-EPS = 1e-9  # scores are means of accuracies: compare without float noise deciding a tie
 
 
 # ------------------------------------------------------------------------------------------- criteria
-def within_spread(ref_score: float, ref_std: float, score: float, std: float) -> bool:
-    """The probe criterion: the difference of the means is within the summed seed spread."""
-    return abs(score - ref_score) <= ref_std + std + EPS
+# The probe criterion: the difference of the means is within the summed seed spread. One definition of
+# the spread for this equivalence check and for the demo's better/worse rule (mert_plugin/probe/compare.py).
+from mert_plugin.probe.compare import within_spread  # noqa: E402
 
 
 def cosine_summary(per_clip: Mapping[str, np.ndarray], frames: Mapping[str, np.ndarray]) -> dict:
