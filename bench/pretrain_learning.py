@@ -54,6 +54,8 @@ def parse_args(argv=None):
     ap.add_argument("--code-spectrum", nargs="+", choices=["db", "linear"], default=["db"],
                     help="cqt-kmeans features, one codebook each (e.g. 'linear db': pitch codes + timbre codes)")
     ap.add_argument("--codebook-weights", nargs="+", type=float, help="one CE weight per codebook (default: all 1)")
+    ap.add_argument("--level-weight", type=float, default=0.0,
+                    help="> 0: also regress each masked frame's level within its crop (ObjectiveConfig.level_weight)")
     ap.add_argument("--cqt-target", choices=["linear", "linear-frame", "db", "db-frame", "none"], default="db-frame")
     ap.add_argument("--feature-penalty", type=float, default=0.0, help="MERT: 10")
     ap.add_argument("--feature-grad-mult", type=float, default=1.0, help="MERT 95M: 0.1; 0 freezes the stem")
@@ -157,7 +159,8 @@ def main(argv=None):
                              cqt_target=args.cqt_target if args.cqt_target != "none" else "linear",
                              feature_penalty_weight=args.feature_penalty, feature_grad_mult=args.feature_grad_mult,
                              pred_nomask_weight=args.pred_nomask,
-                             codebook_weights=tuple(args.codebook_weights) if args.codebook_weights else None, mixture_prob=args.mixture,
+                             codebook_weights=tuple(args.codebook_weights) if args.codebook_weights else None,
+                             level_weight=args.level_weight, mixture_prob=args.mixture,
                              mask_prob=args.mask_prob)
     trainer = MERTPretrainer(student, config).train()
     opt = torch.optim.AdamW(trainer.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)

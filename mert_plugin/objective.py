@@ -69,6 +69,9 @@ class ObjectiveConfig:
     cqt_target: str = "linear"  # "linear" (reference) | "linear-frame" | "db" | "db-frame" (see MERTPretrainer.cqt_target)
     pred_nomask_weight: float = 0.0  # fairseq HuBERT option; > 0 also predicts the labels of unmasked frames
     codebook_weights: Optional[Tuple[float, ...]] = None  # one weight per codebook CE (None: all 1, the reference)
+    # > 0: also regress each masked frame's level (its loudest CQT bin in dB re the crop's loudest,
+    # in [0, 1]; MERTPretrainer.level_target) from a 1-dim head, with this weight. Needs use_cqt.
+    level_weight: float = 0.0
     # Extras (not in the shared contract; off by default).
     attention_relax: float = 0.0  # > 0: PB-relax attention in the student (fp16 overflow guard), e.g. 32
 
@@ -106,6 +109,9 @@ class ObjectiveConfig:
             problems.append(f"logit_temp must be > 0, got {self.logit_temp}")
         if self.mixture_min_samples > self.mixture_max_samples or self.mixture_min_count > self.mixture_max_count:
             problems.append("mixture ranges must have min <= max")
+        if self.level_weight < 0 or (self.level_weight > 0 and not self.use_cqt):
+            problems.append(f"level_weight must be >= 0 and needs use_cqt (the level is read from the CQT), "
+                            f"got {self.level_weight}")
         if self.cqt_target not in CQT_TARGETS:
             problems.append(f"cqt_target must be one of {', '.join(CQT_TARGETS)}, got {self.cqt_target!r}")
         if self.pred_nomask_weight < 0:
@@ -181,6 +187,7 @@ class MERTPretrainer(nn.Module):
         self.codebook_head = (CodebookHead(d, config.num_codebooks, config.codebook_size, config.final_dim,
                                            config.logit_temp) if config.use_acoustic else None)
         self.cqt_head = nn.Linear(d, config.cqt_bins) if config.use_cqt else None
+        self.level_head = nn.Linear(d, 1) if config.level_weight > 0 else None
         self.code_log_prior: Optional[Tensor] = None  # [K, C] log frequencies, see set_code_prior
 
     # ------------------------------------------------------------------ steps
@@ -246,15 +253,16 @@ class MERTPretrainer(nn.Module):
         terms = {"feature_penalty": feature_penalty.detach(),
                  "masked_frames": loss_mask.sum().detach().float(),
                  "masked_fraction": (mask & frame_valid).sum().float() / frame_valid.sum().clamp(min=1)}
+        level = self.level_target(cqt[:, :frames].float()) if self.level_head is not None else None
         cqt = self.cqt_target(cqt[:, :frames].float()) if c.use_cqt else None
         codes = codes[:, :, :frames] if c.use_acoustic else None
-        predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, loss_mask, codes, cqt)
+        predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, loss_mask, codes, cqt, level)
         loss = loss + predicted
         terms.update(predicted_terms)
         if c.pred_nomask_weight > 0:  # fairseq HuBERT's pred_nomask_weight: also predict the visible frames
             visible = frame_valid & ~mask
             visible[:, label_frames:] = False
-            predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, visible, codes, cqt,
+            predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, visible, codes, cqt, level,
                                                                baselines=False)
             loss = loss + c.pred_nomask_weight * predicted
             terms.update({f"unmasked_{k}": v for k, v in predicted_terms.items() if not k[-1].isdigit()})
@@ -280,10 +288,21 @@ class MERTPretrainer(nn.Module):
             return shape_spectrum(cqt)
         return db_spectrum(cqt, per_frame=self.config.cqt_target == "db-frame")
 
+    @staticmethod
+    def level_target(cqt: Tensor, floor_db: float = 60.0) -> Tensor:
+        """Linear CQT magnitudes [B, T, bins] -> each frame's level [B, T]: its loudest bin in dB re
+        the crop's loudest bin, floored at ``-floor_db``, in [0, 1] (1 = the crop's loudest frame).
+
+        Gain-free, like the ``db-frame`` spectrum, but it keeps what ``db-frame`` removes: how the
+        level moves within the crop (attack, decay, rests), which is part of an instrument's timbre."""
+        frame_peak = cqt.amax(dim=2)
+        clip_peak = frame_peak.amax(dim=1, keepdim=True).clamp(min=1e-8)
+        return (20.0 * torch.log10(frame_peak / clip_peak + 10 ** (-floor_db / 20)) / floor_db + 1.0).clamp(min=0.0)
+
     def _prediction_loss(self, hidden: Tensor, select: Tensor, codes: Optional[Tensor], cqt: Optional[Tensor],
-                         baselines: bool = True):
+                         level: Optional[Tensor] = None, baselines: bool = True):
         """Prediction losses at the ``select`` [B, T] frames of ``hidden`` [B, T, D]: (sum of the
-        codebook CEs + cqt_weight * CQT MSE, detached terms for logging)."""
+        codebook CEs + cqt_weight * CQT MSE + level_weight * level MSE, detached terms for logging)."""
         c = self.config
         h = hidden[select]  # [N, D]
         loss, terms = hidden.new_zeros(()), {}
@@ -309,6 +328,12 @@ class MERTPretrainer(nn.Module):
             mse = F.mse_loss(pred, target) if h.shape[0] else pred.sum()
             loss = loss + c.cqt_weight * mse
             terms["cqt_mse"] = mse.detach()
+        if level is not None:
+            pred = self.level_head(h).float()[:, 0]
+            target = level[select[:, : level.shape[1]]]
+            mse = F.mse_loss(pred, target) if h.shape[0] else pred.sum()
+            loss = loss + c.level_weight * mse
+            terms["level_mse"] = mse.detach()
         return loss, terms
 
     # ------------------------------------------------------------- baselines

@@ -394,3 +394,39 @@ def test_relax_attention_survives_fp16_logits_that_overflow_plain_matmul():
     out = relax_attention(q.half(), k.half(), v.half(), None, alpha=32.0)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_level_target_is_each_frames_level_within_its_crop():
+    cqt = torch.rand(2, 20, 336) + 0.01
+    cqt[0, 10:] *= 0.1                                                    # the second half 20 dB quieter
+    level = MERTPretrainer.level_target(cqt)
+    assert level.shape == (2, 20) and float(level.max()) <= 1.0 + 1e-3 and float(level.min()) >= 0.0
+    torch.testing.assert_close(MERTPretrainer.level_target(cqt * 50.0), level)  # gain-free
+    drop = level[0, :10].mean() - level[0, 10:].mean()
+    assert float(drop) == pytest.approx(20.0 / 60.0, abs=0.02)            # -20 dB = -1/3 of the 60 dB range
+    assert float((level[1, :10].mean() - level[1, 10:].mean()).abs()) < 0.02
+
+
+def test_level_weight_adds_a_level_head_and_its_loss():
+    wav = torch.randn(2, 16000) * 0.1
+    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
+    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336) + 0.01
+    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for w in (0.0, 2.0):
+        trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0),
+                                 ObjectiveConfig(level_weight=w, mixture_prob=0.0, cqt_target="db-frame")).eval()
+        assert (trainer.level_head is None) == (w == 0)
+        outs[w] = (trainer, trainer(wav, codes, cqt, mask=mask).terms)
+    plain, (trainer, with_level) = outs[0.0][1], outs[2.0]
+    assert "level_mse" not in plain
+    assert float(with_level["loss"]) == pytest.approx(float(plain["loss"] + 2.0 * with_level["level_mse"]), rel=1e-5)
+    # the term is the MSE of the level head at the masked frames against level_target
+    with torch.no_grad():
+        student = trainer.student(wav, mask_time_indices=mask)
+        pred = trainer.level_head(student.last_hidden_state[mask])[:, 0]
+        expected = torch.nn.functional.mse_loss(pred, MERTPretrainer.level_target(cqt)[mask])
+    assert float(with_level["level_mse"]) == pytest.approx(float(expected), rel=1e-5)
+    for bad in (dict(level_weight=-1.0), dict(level_weight=1.0, use_cqt=False)):
+        with pytest.raises(ConfigError, match="level_weight"):
+            ObjectiveConfig(**bad).validate()
