@@ -604,6 +604,45 @@ def test_torchrun_uneven_batches(trained, tmp_path, files, world):
     assert os.path.isfile(os.path.join(out, "export", "model.safetensors"))
 
 
+# Runs train.main under torchrun and counts, when the process group is destroyed, the DDP
+# wrappers still alive (their reducers hold the group).
+_DESTROY_PROBE = """
+import gc, os, sys
+sys.path.insert(0, {recipe!r})
+sys.argv[0] = os.path.join({recipe!r}, "train.py")
+import torch
+import train
+
+destroy = torch.distributed.destroy_process_group
+
+def counting_destroy(*args, **kwargs):
+    alive = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+    print(f"rank {{os.environ['RANK']}}: DDP wrappers alive at destroy_process_group: {{alive}}", flush=True)
+    return destroy(*args, **kwargs)
+
+torch.distributed.destroy_process_group = counting_destroy
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_releases_the_brain_before_destroying_the_process_group(trained, tmp_path):
+    """SpeechBrain's checkpointer keeps the Brain, and so its DDP wrappers and their process
+    group, in a reference cycle. Left to interpreter exit, the gloo group is released during
+    teardown, where a finished process can abort; train.main collects it before destroying."""
+    ref_out, _ = trained
+    data, out = str(tmp_path / "clips"), str(tmp_path / "ddp")
+    _write_tracks(data, 2, 2.5)
+    probe = tmp_path / "destroy_probe.py"
+    probe.write_text(_DESTROY_PROBE.format(recipe=RECIPE))
+    log = _run(_torchrun(2)[:-1] + [str(probe)] + _recipe_args(
+        data, out, "--distributed_backend=gloo", f"--teacher_state={ref_out}/teacher_state.safetensors",
+        "--valid_fraction=0.0", "--number_of_epochs=1", "--dynamic_batching={max_batch_length: 2.0}"))
+    assert _epochs_and_updates(out) == (["epoch: 1"], [1])  # DDP did train
+    for rank in (0, 1):
+        assert f"rank {rank}: DDP wrappers alive at destroy_process_group: 0" in log
+
+
 # --------------------------------------------------------------- downstream
 def _write_pitch_task(folder, n=18):
     """Three pitch classes; CSV columns path,label,split (+ an extra column, as the demo corpus has)."""

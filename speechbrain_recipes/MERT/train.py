@@ -24,6 +24,7 @@ temporary folder (``<output_folder>/debug`` with ``--debug_persistently``), so
 a debug run never leaves short manifests or labels where a real run would
 reuse them.
 """
+import gc
 import logging
 import os
 import sys
@@ -217,30 +218,16 @@ def on_main(func, **kwargs):
 def main(argv):
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)  # torchrun: RANK/LOCAL_RANK in the environment
-    debug = bool(run_opts.get("debug"))
-    debug_tmp = None
+    debug_tmp = []  # a --debug run's temporary output folder, removed at the end
     try:
-        with open(hparams_file, encoding="utf-8") as f:
-            hparams = load_hyperpyyaml(f, overrides)  # run_opts go to the Brain, never into hparams
-        if debug:
-            overrides = debug_overrides(hparams, overrides, run_opts)
-            debug_tmp = None if run_opts.get("debug_persistently") else overrides["output_folder"]
-            with open(hparams_file, encoding="utf-8") as f:
-                hparams = load_hyperpyyaml(f, overrides)
-        sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                       hyperparams_to_save=hparams_file, overrides=overrides)
-        if debug:
-            logger.info(f"--debug: outputs in {hparams['output_folder']}; at most {sum(DEBUG_FILES.values())} "
-                        f"files prepared and labelled")
-        on_main(prepare_music, data_folder=hparams["data_folder"], save_folder=hparams["manifest_folder"],
-                valid_fraction=hparams["valid_fraction"], min_duration=hparams["min_duration"],
-                check_decode=hparams["check_decode"], skip_prep=hparams["skip_prep"],
-                max_files=sum(DEBUG_FILES.values()) if debug else 0)
-        on_main(label_step.prepare, hparams=hparams, device=run_opts["device"] or sb.utils.distributed.infer_device())
-        datasets = dataio_prepare(hparams)
-        train(hparams, run_opts, datasets)
-        on_main(export_student, student=hparams["student"], export_folder=hparams["export_folder"])
+        run(hparams_file, run_opts, overrides, debug_tmp)
     finally:
+        # SpeechBrain's checkpointer holds the Brain (a recoverable), the Brain its DDP wrappers and
+        # their reducers the process group: a reference cycle that outlives run(). Collected only at
+        # interpreter exit, the gloo group is released while Python is being torn down, where it can
+        # abort a process that has finished (seen as "terminate called without an active exception" on
+        # rank 1 in some loaded two-process test runs). Collect it now, while the interpreter is whole.
+        gc.collect()
         if torch.distributed.is_initialized():
             if debug_tmp and sys.exc_info()[0] is None:
                 torch.distributed.barrier()  # nobody is still using the debug folder
@@ -248,7 +235,34 @@ def main(argv):
         if debug_tmp and sb.utils.distributed.if_main_process():
             import shutil
 
-            shutil.rmtree(debug_tmp, ignore_errors=True)
+            shutil.rmtree(debug_tmp[0], ignore_errors=True)
+
+
+def run(hparams_file, run_opts, overrides, debug_tmp):
+    """Data preparation, the teacher step, ``Brain.fit`` and the export. ``debug_tmp`` receives
+    the temporary output folder of a ``--debug`` run."""
+    debug = bool(run_opts.get("debug"))
+    with open(hparams_file, encoding="utf-8") as f:
+        hparams = load_hyperpyyaml(f, overrides)  # run_opts go to the Brain, never into hparams
+    if debug:
+        overrides = debug_overrides(hparams, overrides, run_opts)
+        if not run_opts.get("debug_persistently"):
+            debug_tmp.append(overrides["output_folder"])
+        with open(hparams_file, encoding="utf-8") as f:
+            hparams = load_hyperpyyaml(f, overrides)
+    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
+                                   hyperparams_to_save=hparams_file, overrides=overrides)
+    if debug:
+        logger.info(f"--debug: outputs in {hparams['output_folder']}; at most {sum(DEBUG_FILES.values())} "
+                    f"files prepared and labelled")
+    on_main(prepare_music, data_folder=hparams["data_folder"], save_folder=hparams["manifest_folder"],
+            valid_fraction=hparams["valid_fraction"], min_duration=hparams["min_duration"],
+            check_decode=hparams["check_decode"], skip_prep=hparams["skip_prep"],
+            max_files=sum(DEBUG_FILES.values()) if debug else 0)
+    on_main(label_step.prepare, hparams=hparams, device=run_opts["device"] or sb.utils.distributed.infer_device())
+    datasets = dataio_prepare(hparams)
+    train(hparams, run_opts, datasets)
+    on_main(export_student, student=hparams["student"], export_folder=hparams["export_folder"])
 
 
 def debug_overrides(hparams, overrides, run_opts):
