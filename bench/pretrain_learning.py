@@ -51,8 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--clusters", type=int, default=128)
     ap.add_argument("--fit-files", type=int, default=0,
                     help="fit the k-means on this many evenly spread training clips (0: all; the recipe: 64)")
-    ap.add_argument("--code-spectrum", nargs="+", choices=["db", "linear"], default=["db"],
-                    help="cqt-kmeans features, one codebook each (e.g. 'linear db': pitch codes + timbre codes)")
+    ap.add_argument("--code-spectrum", nargs="+", choices=["db", "linear", "mfcc"], default=["db"],
+                    help="cqt-kmeans features, one codebook each (e.g. 'linear db': pitch codes + timbre codes; "
+                         "'mfcc': k-means over MFCC 1-19, a level-free spectral envelope, see mfcc_codes)")
     ap.add_argument("--codebook-weights", nargs="+", type=float, help="one CE weight per codebook (default: all 1)")
     ap.add_argument("--level-weight", type=float, default=0.0,
                     help="> 0: also regress each masked frame's level within its crop (ObjectiveConfig.level_weight)")
@@ -90,6 +91,35 @@ def clip_cqts(corpus: Path, paths, cqt: CQTTeacher):
         with atomic_path(cache_path) as tmp:
             torch.save(cache, tmp)
     return [cache[p].float() for p in paths]
+
+
+def mfcc_codes(audio, frames, clusters: int, seed: int, n_mfcc: int = 20, silence_db: float = 50.0):
+    """Timbre codes: k-means over each frame's MFCCs 1..n_mfcc-1 (c0, the frame's level, left out;
+    a gain changes only c0), 24 kHz, hop 320 (the student's grid), frames more than ``silence_db``
+    below the clip's loudest frame set to zero. ``frames``: each clip's CQT frame count.
+    Returns one [1, T] code tensor per clip."""
+    import mert_plugin.compat
+
+    mert_plugin.compat.ensure_torchaudio_importable()
+    import torchaudio
+
+    from mert_plugin.teachers import kmeans, nearest
+
+    mfcc = torchaudio.transforms.MFCC(24000, n_mfcc=n_mfcc, log_mels=False,
+                                      melkwargs=dict(n_fft=1024, hop_length=320, n_mels=64, center=True))
+    feats = []
+    for wav, t in zip(audio, frames):
+        m = mfcc(wav.float()).T[:t]  # [T, n_mfcc]
+        m = torch.cat([m, m[-1:].expand(t - m.shape[0], -1)]) if m.shape[0] < t else m
+        # c0 = sqrt(n_mels) x the frame's mean mel level in dB (orthonormal DCT)
+        silent = m[:, 0] < m[:, 0].max() - silence_db * 64 ** 0.5
+        x = m[:, 1:].clone()
+        x[silent] = 0.0
+        feats.append(x)
+    flat = torch.cat(feats)
+    sample = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:100_000]]
+    centroids = kmeans(sample, clusters, iters=20, seed=seed)
+    return [nearest(x, centroids)[None] for x in feats]
 
 
 def probe(model, corpus: Path):
@@ -137,6 +167,9 @@ def main(argv=None):
                                                  for i in range(min(args.fit_files, len(cqts)))]
         books = []
         for spectrum in args.code_spectrum:  # one codebook per spectrum
+            if spectrum == "mfcc":
+                books.append(mfcc_codes(audio, [c.shape[0] for c in cqts], args.clusters, args.seed))
+                continue
             teacher = CQTKMeansTeacher(args.clusters, 1, seed=args.seed, cqt=cqt_teacher, spectrum=spectrum)
             teacher.fit_features(torch.cat([teacher.features_from_cqt(c[None])[0] for c in fit]))
             books.append([teacher.codes_from_cqt(c[None])[0] for c in cqts])  # [1, T] each
