@@ -13,7 +13,9 @@ Every step uses the project's real entry points, offline, on 2 CPU cores:
    per clip;
 5. ``mert-probe``: MARBLE-style probes per layer and weighted sum, pretrained vs random
    init vs a CQT baseline and a level-only baseline (loudness and envelope, no spectrum),
-   3 seeds, paired comparisons over the test pieces; ``report.json``, ``report.md`` and plots.
+   3 seeds, paired comparisons over the test pieces; ``report.json``, ``report.md`` and plots;
+   plus the instrument task with every GM program as the test instrument in turn
+   (``probe/instrument_by_program.json``, printed under the probe table, not a criterion).
 
 Work already done is reused on a rerun with the same settings (every step is resumable); a rerun
 with other settings into the same ``--out`` is refused (use ``--fresh``). Run::
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "speechbrain_recipes" / "MERT"
@@ -175,6 +178,19 @@ def probe(corpus: Path, features, train_log: Path, out: Path, tasks, seeds):
                      baselines=("cqt", "level"), seeds=seeds, train_log=str(train_log) if train_log.exists() else None)
 
 
+def instrument_by_program(corpus: Path, features, out: Path) -> Optional[dict]:
+    """The instrument task with every GM program as the test instrument in turn
+    (:mod:`mert_plugin.probe.heldout`), saved to ``probe/instrument_by_program.json``; None for a
+    corpus without programs."""
+    from mert_plugin.atomic import atomic_write_json
+    from mert_plugin.probe.heldout import instrument_by_program as by_program
+
+    result = by_program(corpus, features)
+    if result is not None:
+        atomic_write_json(out / "probe" / "instrument_by_program.json", result)
+    return result
+
+
 MUST_WIN = ("pitch", "instrument")  # the musical knowledge MERT's teachers are meant to put into the layers
 
 
@@ -250,9 +266,12 @@ def verdict_checks(report, valid_stats: dict) -> list:
     return checks
 
 
-def verdict(report, valid_stats: dict) -> bool:
-    """Print the probe table and every criterion; True only when all of them pass."""
+def verdict(report, valid_stats: dict, heldout: Optional[dict] = None) -> bool:
+    """Print the probe table and every criterion; True only when all of them pass. ``heldout``
+    (:func:`instrument_by_program`) adds the instrument task with every program held out in turn,
+    printed for reading, not a criterion."""
     from mert_plugin.probe.compare import describe
+    from mert_plugin.probe.heldout import describe as describe_heldout
 
     print("\n    Weighted-sum probes, test split, mean ± std over seeds; pretrained - random init with its paired "
           "bootstrap interval over the test pieces:")
@@ -264,6 +283,12 @@ def verdict(report, valid_stats: dict) -> bool:
               f"{e['random_init']:.3f} ± {e['random_init_std']:.3f}   {e.get('cqt', float('nan')):.3f} ± "
               f"{e.get('cqt_std', float('nan')):.3f}   {e.get('level', float('nan')):.3f} ± "
               f"{e.get('level_std', float('nan')):.3f}   {describe(c) + ': ' + c['decision'] if c else 'n/a'}")
+    if heldout:
+        acc = heldout["accuracy"]
+        print(f"\n    Instrument with every GM program as the test instrument in turn (logistic probes, all layers; "
+              f"not a criterion): pretrained {acc['pretrained']:.3f}, random init {acc['random_init']:.3f}, level "
+              f"{acc.get('level', float('nan')):.3f}, chance {heldout['chance']:.3f}; pretrained - random init "
+              f"{describe_heldout(heldout, 'random_init')}")
     checks = verdict_checks(report, valid_stats)
     print("\n    Criteria:")
     for name, ok, detail in checks:
@@ -369,13 +394,14 @@ def main(argv=None) -> int:
     t = _step(f"5/6 probing (mert-probe): per layer + weighted sum, {len(seeds)} seeds, CQT and level baselines")
     train_log = out / "pretrain" / "train_log.txt"
     report = probe(corpus, features, train_log, out, args.tasks, seeds)
+    heldout = instrument_by_program(corpus, features, out) if "instrument" in report["probe"] else None
     _done(t)
     t = _step("6/6 learning curve: logistic probes of the per-epoch snapshots")
     learning_curve(corpus, out, recipe_seed)
     _done(t)
 
     valid_stats = _last_valid_stats(train_log)
-    won = verdict(report, valid_stats)
+    won = verdict(report, valid_stats, heldout)
     checks = [{"name": n, "passed": ok, "detail": d} for n, ok, d in verdict_checks(report, valid_stats)]
     summary = {"verdict": won, "checks": checks, "seconds": round(time.perf_counter() - start), "out": str(out),
                "quick": args.quick}

@@ -1,14 +1,17 @@
-"""bench/instrument_by_program.py and the MFCC codes of bench/pretrain_learning.py."""
+"""Every program held out in turn (mert_plugin.probe.heldout, bench/instrument_by_program.py) and the
+MFCC codes of bench/pretrain_learning.py."""
 import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
+import soundfile as sf
 import torch
 
 _BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def _load(name):
+def _load(name):  # a bench script, by path (bench/ is not a package)
     spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -29,19 +32,51 @@ def _families(seed=0, clips=12):
     return np.array(labels), np.array(programs), np.array(fold), np.array(rows)
 
 
-def test_instrument_by_program_scores_every_program_once_and_tells_signal_from_noise():
-    bench = _load("instrument_by_program")
+def test_every_group_is_held_out_once_and_signal_is_told_from_noise():
+    from mert_plugin.probe.heldout import bootstrap_mean, compare_by_group, group_folds, per_group_accuracy
+
     labels, programs, fold, noise = _families()
+    assert np.array_equal(group_folds(labels, programs), fold)
     family = np.array([int(s[-1]) for s in labels])
     informative = noise.copy()
     informative[np.arange(len(family)), family] += 6.0  # each family has its own direction, in every program
-    good = bench.per_program_accuracy(informative[:, None, :], labels, programs, fold)
-    bad = bench.per_program_accuracy(noise[:, None, :], labels, programs, fold)
+    good = per_group_accuracy(informative[:, None, :], labels, programs, fold)
+    bad = per_group_accuracy(noise[:, None, :], labels, programs, fold)
     assert sorted(good) == sorted(bad) == sorted(set(programs.tolist()))  # each program tested once
     assert min(good.values()) > 0.9
     assert np.mean(list(bad.values())) < 0.6  # 3 families: chance 1/3
-    mean, lo, hi = bench.bootstrap_mean(np.array([good[p] - bad[p] for p in sorted(good)]))
+    mean, lo, hi = bootstrap_mean(np.array([good[p] - bad[p] for p in sorted(good)]))
     assert lo > 0 and lo <= mean <= hi
+    result = compare_by_group({"pretrained": informative, "random_init": noise}, labels, programs)
+    assert result["groups"] == 12 and result["accuracy"]["pretrained"] > 0.9
+    d = result["differences"]["random_init"]
+    assert d["ci_low"] > 0 and d["difference"] == pytest.approx(np.mean([good[p] - bad[p] for p in sorted(good)]))
+
+
+def test_instrument_by_program_reads_a_corpus_and_skips_one_without_programs(tmp_path):
+    from mert_plugin.probe import save_clip_features
+    from mert_plugin.probe.heldout import describe, instrument_by_program
+
+    labels, programs, _, noise = _families(clips=4)
+    rows = ["path,label,split,piece,program"]
+    sr = 24000
+    for i, (label, program) in enumerate(zip(labels, programs)):
+        rel = f"audio/c{i:03d}.wav"
+        (tmp_path / "audio").mkdir(exist_ok=True)
+        t = np.arange(sr // 4) / sr
+        sf.write(tmp_path / rel, (0.1 + 0.2 * (program % 10) / 3) * np.sin(2 * np.pi * 220 * t), sr)
+        rows.append(f"{rel},{label},{('train', 'valid', 'test')[i % 3]},p{i},{program}")
+        feature = noise[i].copy()
+        feature[int(label[-1])] += 6.0
+        save_clip_features(tmp_path / "feats" / "pretrained", rel, feature[None].astype(np.float32))
+        save_clip_features(tmp_path / "feats" / "random_init", rel, noise[i][None].astype(np.float32))
+    (tmp_path / "instrument.csv").write_text("\n".join(rows) + "\n")
+    dirs = {n: tmp_path / "feats" / n for n in ("pretrained", "random_init")}
+    result = instrument_by_program(tmp_path, dirs)
+    assert set(result["accuracy"]) == {"pretrained", "random_init", "level"} and result["groups"] == 12
+    assert result["accuracy"]["pretrained"] > 0.9 and "over 12 programs" in describe(result, "random_init")
+    (tmp_path / "instrument.csv").write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")  # no program column
+    assert instrument_by_program(tmp_path, dirs) is None
 
 
 def test_mfcc_codes_follow_the_timbre_not_the_gain():

@@ -137,3 +137,16 @@ def test_verdict_needs_every_criterion():
     assert len(names) == 5 and any("pitch" in n for n in names) and any("unigram" in n for n in names)
     details = dict((n, d) for n, _, d in verdict_checks(_report(), GOOD_VALID))
     assert "CI +0.250..+0.350 over 10 test pieces" in details["better than random init on pitch"]
+
+
+def test_verdict_prints_the_instrument_by_program_line_without_making_it_a_criterion(capsys):
+    from mert_plugin.demo import verdict
+
+    heldout = {"groups": 24, "chance": 0.167, "accuracy": {"pretrained": 0.183, "random_init": 0.275, "level": 0.333},
+               "differences": {"random_init": {"difference": -0.092, "ci_low": -0.153, "ci_high": -0.031,
+                                               "confidence": 0.95}}}
+    assert verdict(_report(), GOOD_VALID, heldout) is True  # a diagnostic, not a sixth criterion
+    out = capsys.readouterr().out
+    assert "every GM program as the test instrument in turn" in out
+    assert "pretrained 0.183, random init 0.275, level 0.333" in out and "-0.092 (95% CI -0.153..-0.031 over 24" in out
+    assert verdict(_report(), GOOD_VALID) is True and "test instrument in turn" not in capsys.readouterr().out
