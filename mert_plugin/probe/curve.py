@@ -50,9 +50,10 @@ def pool_waveforms(model, wavs: Sequence[torch.Tensor], batch_size: int = 16) ->
     return np.stack(out)
 
 
-def logistic_score(x_train: np.ndarray, y_train: Sequence[str], x_test: np.ndarray, y_test: Sequence[str],
-                   c: float = 0.1) -> float:
-    """Test accuracy of a logistic regression on z-scored, layer-concatenated features [N, L, D]."""
+def logistic_predict(x_train: np.ndarray, y_train: Sequence[str], x_test: np.ndarray, c: float = 0.1,
+                     max_iter: int = 500) -> np.ndarray:
+    """Test predictions ``[N_test]`` of a logistic regression on z-scored (training statistics),
+    layer-concatenated features ``[N, L, D]`` (or ``[N, D]``)."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -63,7 +64,13 @@ def logistic_score(x_train: np.ndarray, y_train: Sequence[str], x_test: np.ndarr
     b = ((x_test - mean) / std).reshape(len(x_test), -1)
     with warnings.catch_warnings():  # a few hundred clips x ~600 dims: lbfgs may stop at max_iter, harmlessly
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return float(LogisticRegression(C=c, max_iter=500).fit(a, list(y_train)).score(b, list(y_test)))
+        return LogisticRegression(C=c, max_iter=max_iter).fit(a, list(y_train)).predict(b)
+
+
+def logistic_score(x_train: np.ndarray, y_train: Sequence[str], x_test: np.ndarray, y_test: Sequence[str],
+                   c: float = 0.1) -> float:
+    """Test accuracy of a logistic regression on z-scored, layer-concatenated features [N, L, D]."""
+    return float(np.mean(logistic_predict(x_train, y_train, x_test, c) == np.asarray(list(y_test))))
 
 
 def learning_curve(models: Sequence[Tuple[int, object]], corpus_dir, tasks: Sequence[str] = ("pitch", "instrument"),

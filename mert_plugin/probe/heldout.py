@@ -13,12 +13,12 @@ Shapes: N = clips, L = layers, D = feature size.
 from __future__ import annotations
 
 import csv
-import warnings
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .curve import logistic_predict
 from .features import ProbeError, handcrafted_features, load_feature_set
 
 CONFIDENCE = 0.95
@@ -36,9 +36,6 @@ def per_group_accuracy(x: np.ndarray, labels: Sequence[str], groups: Sequence, f
                        c: float = 0.1) -> Dict:
     """Logistic probe, one fit per fold: x ``[N, ...]`` -> ``{group: accuracy on its clips}``.
     A fold whose training clips hold fewer than 2 labels is skipped (its groups get no score)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     labels, groups = np.asarray(labels), np.asarray(groups)
     out = {}
@@ -46,11 +43,7 @@ def per_group_accuracy(x: np.ndarray, labels: Sequence[str], groups: Sequence, f
         test = fold == k
         if len(set(labels[~test].tolist())) < 2:
             continue
-        mean, std = x[~test].mean(0), x[~test].std(0) + 1e-8
-        with warnings.catch_warnings():  # a few hundred clips x ~600 dims: lbfgs may stop at max_iter, harmlessly
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf = LogisticRegression(C=c, max_iter=1000).fit((x[~test] - mean) / std, labels[~test])
-        predicted = clf.predict((x[test] - mean) / std)
+        predicted = logistic_predict(x[~test], labels[~test], x[test], c, max_iter=1000)
         for g in np.unique(groups[test]).tolist():
             sel = groups[test] == g
             out[g] = float(np.mean(predicted[sel] == labels[test][sel]))
