@@ -727,6 +727,25 @@ def test_yaml_class_paths_resolve_from_the_tests(yaml_name, tmp_path):
     assert type(hp["train_steps_logger"]).__name__ == "FileTrainLogger"
 
 
+def test_tiny_yaml_objective_knobs_are_command_line_overrides(tmp_path):
+    """The settings that docs/LEARNING.md varies are top-level keys of mert_tiny.yaml that reach
+    the ObjectiveConfig, so ``train.py hparams/mert_tiny.yaml --mixture_prob=0`` (and the demo's
+    ``--recipe-arg``) changes the objective, not only a key nobody reads."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    knobs = {"mask_prob": 0.3, "mixture_prob": 0.0, "mixture_min_samples": 4800,
+             "mixture_max_samples": 9600, "level_weight": 2.0}
+    path = os.path.join(RECIPE, "hparams", "mert_tiny.yaml")
+    with open(path, encoding="utf-8") as f:
+        default = load_hyperpyyaml(f, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "a")})
+    with open(path, encoding="utf-8") as f:
+        changed = load_hyperpyyaml(f, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "b"),
+                                       **knobs})
+    for key, value in knobs.items():
+        assert getattr(default["objective"], key) != value, key  # the override is a change
+        assert getattr(changed["objective"], key) == value, key
+
+
 def test_recipe_folder_needs_no_package_import():
     """No module of the recipe imports it as a package (speechbrain_recipes.*), and there is no
     __init__.py: the folder is copied or run as it is, with mert_plugin installed."""
