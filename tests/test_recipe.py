@@ -746,6 +746,41 @@ def test_tiny_yaml_objective_knobs_are_command_line_overrides(tmp_path):
         assert getattr(changed["objective"], key) == value, key
 
 
+def test_stem_lr_scale_slows_only_the_conv_stem(tmp_path):
+    """``stem_lr_scale`` puts the conv stem in its own optimizer group at that multiple of the
+    scheduled lr, also after SpeechBrain's scheduler has set one lr on every group; an Adam step
+    then moves the stem's weights that much less (Adam's first step moves each weight by ~lr)."""
+    from hyperpyyaml import load_hyperpyyaml
+    import train
+
+    with open(TINY, encoding="utf-8") as f:
+        hp = load_hyperpyyaml(f, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "out"),
+                                  "stem_lr_scale": 0.1, "mixture_prob": 0.0})
+    torch.manual_seed(0)
+    brain = train.MERTBrain(modules=hp["modules"], opt_class=hp["opt_class"], hparams=hp,
+                            run_opts={"device": "cpu"})
+    brain.init_optimizers()
+    groups = brain.optimizer.param_groups
+    stem = list(hp["student"].feature_extractor.parameters())
+    assert len(groups) == 2 and {id(p) for p in groups[1]["params"]} == {id(p) for p in stem}
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in brain.modules.parameters())
+    for _ in range(3):
+        hp["lr_scheduler"](brain.optimizer)
+        brain._apply_lr_scales()
+    assert groups[0]["lr"] > 0 and groups[1]["lr"] == pytest.approx(0.1 * groups[0]["lr"])
+
+    before = {id(p): p.detach().clone() for p in brain.modules.parameters()}
+    wav = 0.1 * torch.randn(2, SR)
+    frames, cfg = hp["student"].num_frames(SR), hp["objective"]
+    codes = torch.randint(0, cfg.codebook_size, (2, cfg.num_codebooks, frames))
+    out = hp["pretrainer"](wav, codes=codes, cqt=torch.rand(2, frames, cfg.cqt_bins))
+    out.loss.backward()
+    brain.optimizer.step()
+    moved = {i: max(float((p.detach() - before[id(p)]).abs().max()) for p in g["params"] if p.grad is not None)
+             for i, g in enumerate(groups)}
+    assert moved[1] < 0.2 * moved[0], moved  # the stem took ~1/10 of the step
+
+
 def test_recipe_folder_needs_no_package_import():
     """No module of the recipe imports it as a package (speechbrain_recipes.*), and there is no
     __init__.py: the folder is copied or run as it is, with mert_plugin installed."""

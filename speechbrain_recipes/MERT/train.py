@@ -77,6 +77,29 @@ class MERTBrain(sb.Brain):
         self.term_batches += 1
         return out.loss
 
+    def init_optimizers(self):
+        """One optimizer over every parameter; with ``stem_lr_scale`` != 1 the conv stem's parameters
+        form a second group whose lr is that multiple of the scheduled one (docs/LEARNING.md 7.6).
+        Under Adam ``feature_grad_mult`` cannot slow the stem (it scales the stem's gradients,
+        which Adam normalises away); a learning-rate factor can."""
+        scale = float(getattr(self.hparams, "stem_lr_scale", 1.0))
+        if scale == 1.0 or self.opt_class is None:
+            return super().init_optimizers()
+        stem = {id(p) for p in self.hparams.student.feature_extractor.parameters()}
+        params = list(self.modules.parameters())
+        self.optimizer = self.opt_class([  # group 0 holds the scheduled lr the logs report
+            {"params": [p for p in params if id(p) not in stem]},
+            {"params": [p for p in params if id(p) in stem], "lr_scale": scale}])
+        self.optimizers_dict = {"opt_class": self.optimizer}
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("optimizer", self.optimizer)
+
+    def _apply_lr_scales(self):
+        """SpeechBrain's schedulers set one lr on every group; groups with an ``lr_scale`` get it scaled."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
     def on_fit_start(self):
         super().on_fit_start()  # wraps DDP, builds the optimizer, recovers the last checkpoint
         if self.label_generator is not None:
@@ -85,6 +108,7 @@ class MERTBrain(sb.Brain):
         if sched.current_step == 0:  # first update at the first warm-up value, not at the peak
             for group in self.optimizer.param_groups:
                 group["lr"] = sched.calculate_lr(1)
+        self._apply_lr_scales()
 
     def _train_loader_specifics(self, dataset, loader_kwargs):
         # Under DDP SpeechBrain wraps the batch sampler (DistributedSamplerWrapper: every process
@@ -102,6 +126,7 @@ class MERTBrain(sb.Brain):
         self.interval_batches = getattr(self, "interval_batches", 0) + 1
         if should_step:
             self.hparams.lr_scheduler(self.optimizer)
+            self._apply_lr_scales()
             interval = getattr(self.hparams, "log_interval", 0) or 0
             if interval > 0 and self.optimizer_step % interval == 0:
                 self._log_steps()
