@@ -55,7 +55,7 @@ def test_every_group_is_held_out_once_and_signal_is_told_from_noise():
 
 def test_instrument_by_program_reads_a_corpus_and_skips_one_without_programs(tmp_path):
     from mert_plugin.probe import save_clip_features
-    from mert_plugin.probe.heldout import describe, instrument_by_program
+    from mert_plugin.probe.heldout import describe, instrument_by_program, instrument_seen_programs
 
     labels, programs, _, noise = _families(clips=4)
     rows = ["path,label,split,piece,program"]
@@ -75,8 +75,12 @@ def test_instrument_by_program_reads_a_corpus_and_skips_one_without_programs(tmp
     result = instrument_by_program(tmp_path, dirs)
     assert set(result["accuracy"]) == {"pretrained", "random_init", "level"} and result["groups"] == 12
     assert result["accuracy"]["pretrained"] > 0.9 and "over 12 programs" in describe(result, "random_init")
+    seen = instrument_seen_programs(tmp_path, dirs, baselines=("mfcc",), repeats=2)
+    assert set(seen["accuracy"]) == {"pretrained", "random_init", "level", "mfcc"} and seen["groups"] == 12
+    assert seen["accuracy"]["pretrained"] > 0.9 and "heard by the probe" in describe(seen, "random_init")
     (tmp_path / "instrument.csv").write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")  # no program column
     assert instrument_by_program(tmp_path, dirs) is None
+    assert instrument_seen_programs(tmp_path, dirs) is None
 
 
 def test_mfcc_codes_follow_the_timbre_not_the_gain():
@@ -96,3 +100,28 @@ def test_mfcc_codes_follow_the_timbre_not_the_gain():
     mid = slice(10, -10)  # away from the clip edges
     assert codes[0][0, mid].unique().numel() == 1 and codes[1][0, mid].unique().numel() == 1
     assert codes[0][0, 40] != codes[1][0, 40]  # bright and dull tones get different codes
+
+
+def test_seen_programs_tell_program_timbre_that_does_not_transfer():
+    """Features where every program has a direction of its own (timbre that names the program, not
+    the family) read the family when the probe has heard the program (two folds by piece) and not
+    when the program is new (leave-one-program-out): the two protocols tell these cases apart."""
+    from mert_plugin.probe.heldout import compare_by_group, piece_folds
+
+    labels, programs, _, noise = _families(clips=12)
+    pieces = np.array([f"p{i // 3}" for i in range(len(labels))])  # 4 pieces of 3 clips per program
+    folds = [piece_folds(programs, pieces, seed) for seed in range(3)]
+    for fold in folds:
+        for p in set(programs.tolist()):  # every program is in both folds, whole pieces at a time
+            assert set(fold[programs == p].tolist()) == {0, 1}
+        for piece in set(pieces.tolist()):
+            assert len(set(fold[pieces == piece].tolist())) == 1
+    assert not all(np.array_equal(folds[0], f) for f in folds[1:])  # the seeds give other assignments
+    own = noise.copy()
+    idx = {p: i for i, p in enumerate(sorted(set(programs.tolist())))}
+    big = np.concatenate([own, np.zeros((len(own), 12))], axis=1)
+    big[np.arange(len(big)), 8 + np.array([idx[p] for p in programs])] += 6.0
+    seen = compare_by_group({"own": big, "noise": noise}, labels, programs, folds)
+    unseen = compare_by_group({"own": big, "noise": noise}, labels, programs)
+    assert seen["accuracy"]["own"] > 0.9 and seen["differences"]["noise"]["ci_low"] > 0
+    assert unseen["accuracy"]["own"] < 0.6  # 3 families: chance 1/3
