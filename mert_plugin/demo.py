@@ -128,14 +128,24 @@ def pretrain(data: Path, out: Path, epochs: int, seed: int, teacher: str, extra=
     return out / "pretrain" / "export"
 
 
-def export(model_dir: Path, preset_seed: int, out: Path):
+def initial_student(model_dir: Path, recipe_seed: int, extra=()):
+    """The recipe's student before its first update: the pretrained model's geometry (whatever
+    ``preset`` the recipe ran) initialised with the recipe's seed (``--recipe-arg=--seed=N`` wins
+    over the demo's), as the yaml's ``MERTModel.from_preset(preset, seed)`` did."""
+    from mert_plugin import MERTModel
+
+    seed = int(parse_recipe_args(extra)[0].get("seed", recipe_seed))
+    return MERTModel.from_config(MERTModel.from_pretrained(str(model_dir)).config, seed=seed)
+
+
+def export(model_dir: Path, recipe_seed: int, out: Path, extra=()):
     """ONNX graphs of the pretrained model and of its own random initialisation."""
     from extractors.export_onnx import export_onnx
     from mert_plugin import MERTModel
 
     graphs = {}
     for name, make in (("pretrained", lambda: MERTModel.from_pretrained(str(model_dir))),
-                       ("random_init", lambda: MERTModel.from_preset("mert-tiny", seed=preset_seed))):
+                       ("random_init", lambda: initial_student(model_dir, recipe_seed, extra))):
         path = out / "onnx" / f"mert_tiny_{name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or not path.with_suffix(".json").exists():
@@ -296,13 +306,13 @@ def verdict(report, valid_stats: dict, heldout: Optional[dict] = None) -> bool:
     return all(ok for _, ok, _ in checks)
 
 
-def learning_curve(corpus: Path, out: Path, recipe_seed: int):
+def learning_curve(corpus: Path, out: Path, recipe_seed: int, extra=()):
     """Cheap logistic probes of the recipe's per-epoch snapshots (and the random init at 0 updates)."""
     from mert_plugin import MERTModel
     from mert_plugin.atomic import atomic_write_json
     from mert_plugin.probe.curve import learning_curve as curve_of, plot_learning_curve, snapshots
 
-    models = [(0, MERTModel.from_preset("mert-tiny", seed=recipe_seed))]
+    models = [(0, initial_student(out / "pretrain" / "export", recipe_seed, extra))]
     models += [(u, MERTModel.from_pretrained(path)) for u, path in snapshots(out / "pretrain" / "snapshots")]
     tasks = [t for t in MUST_WIN if (corpus / f"{t}.csv").is_file()]
     curve = curve_of(models, corpus, tasks)
@@ -386,7 +396,7 @@ def main(argv=None) -> int:
                         args.recipe_arg)
     _done(t)
     t = _step("3/6 ONNX export with parity gate (mert-export-onnx), pretrained and random init")
-    graphs = export(model_dir, recipe_seed, out)
+    graphs = export(model_dir, recipe_seed, out, args.recipe_arg)
     _done(t)
     t = _step("4/6 features: essentia MonoLoader -> OnnxPredictMERT, mean over time, all layers")
     features = extract(corpus, graphs, out)
@@ -397,7 +407,7 @@ def main(argv=None) -> int:
     heldout = instrument_by_program(corpus, features, out) if "instrument" in report["probe"] else None
     _done(t)
     t = _step("6/6 learning curve: logistic probes of the per-epoch snapshots")
-    learning_curve(corpus, out, recipe_seed)
+    learning_curve(corpus, out, recipe_seed, args.recipe_arg)
     _done(t)
 
     valid_stats = _last_valid_stats(train_log)

@@ -195,9 +195,15 @@ class MERTModel(nn.Module):
     @classmethod
     def from_preset(cls, name: str, seed: Optional[int] = None) -> "MERTModel":
         """A randomly initialised model of a preset geometry (``mert-tiny``, ``mert-v1-95m``, ...)."""
+        return cls.from_config(MERTConfig.from_preset(name), seed)
+
+    @classmethod
+    def from_config(cls, config: MERTConfig, seed: Optional[int] = None) -> "MERTModel":
+        """A randomly initialised model of ``config``'s geometry; with ``seed``, the same weights as
+        :meth:`from_preset` with that seed for the preset of the same geometry."""
         if seed is not None:
             torch.manual_seed(seed)
-        model = cls(MERTConfig.from_preset(name))
+        model = cls(config)
         model.reset_parameters()
         return model
 

@@ -150,3 +150,38 @@ def test_verdict_prints_the_instrument_by_program_line_without_making_it_a_crite
     assert "every GM program as the test instrument in turn" in out
     assert "pretrained 0.183, random init 0.275, level 0.333" in out and "-0.092 (95% CI -0.153..-0.031 over 24" in out
     assert verdict(_report(), GOOD_VALID) is True and "test instrument in turn" not in capsys.readouterr().out
+
+
+def test_random_init_is_the_recipes_own_student_before_training(tmp_path, monkeypatch):
+    """The demo's baseline is the student the recipe's yaml builds (its preset and seed, including a
+    --recipe-arg=--preset/--seed), not a fixed mert-tiny: a wider student compared with a tiny random
+    init would be judged against the wrong model."""
+    import os
+    from dataclasses import replace
+
+    import torch
+    from hyperpyyaml import load_hyperpyyaml
+
+    from mert_plugin import MERTModel
+    from mert_plugin.config import MERTConfig
+    from mert_plugin.demo import RECIPE, initial_student
+
+    monkeypatch.syspath_prepend(str(RECIPE))  # the yaml's !new:data.CropCollate, as `python train.py` has it
+    trained = MERTModel.from_preset("mert-tiny", seed=1)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.1)  # as after training
+    trained.save_pretrained(str(tmp_path / "tiny"))
+    for seed, extra in ((1234, []), (7, ["--seed=7", "--lr=0.001"])):
+        with open(os.path.join(RECIPE, "hparams", "mert_tiny.yaml"), encoding="utf-8") as f:
+            hp = load_hyperpyyaml(f, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "o"),
+                                      "seed": seed})
+        want = hp["student"].state_dict()
+        got = initial_student(tmp_path / "tiny", 1234, extra).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), seed
+    narrow = replace(MERTConfig.from_preset("mert-tiny"), hidden_size=64, intermediate_size=96)
+    MERTModel.from_config(narrow, seed=3).save_pretrained(str(tmp_path / "narrow"))
+    model = initial_student(tmp_path / "narrow", 5)
+    assert model.config.hidden_size == 64 and model.config.intermediate_size == 96
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 MERTModel.from_config(narrow, seed=5).state_dict().values()))
