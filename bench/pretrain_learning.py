@@ -4,7 +4,8 @@
 Runs the project's ``MERTPretrainer`` on the training clips of a corpus (``mert-corpus build``)
 held in memory, with the reference CQT as the musical target and optionally the ``cqt-kmeans``
 teacher's codes, then probes the student (logistic regression on z-scored, mean-pooled layers,
-train -> test split; effective rank of the pooled features) on pitch and instrument, next to its
+train -> test split; effective rank of the pooled features) on pitch, instrument and the single notes'
+instrument family (programs unseen, and heard: odd notes -> even notes), next to its
 own random initialisation. A setting costs minutes instead of a full ``make demo``; the demo's
 MLP probes and five-criterion verdict remain the reference (docs/LEARNING.md has the runs)::
 
@@ -63,7 +64,8 @@ def parse_args(argv=None):
     ap.add_argument("--pred-nomask", type=float, default=0.0)
     ap.add_argument("--mixture", type=float, default=0.5, help="in-batch noise mixture probability")
     ap.add_argument("--probe-every", type=int, default=0, help="also probe every N updates")
-    ap.add_argument("--conv-dim", type=int, default=0, help="stem channels (0: the preset's, 64)")
+    ap.add_argument("--preset", default="mert-tiny", help="the student's geometry (the demo's: mert-small)")
+    ap.add_argument("--conv-dim", type=int, default=0, help="stem channels (0: the preset's)")
     ap.add_argument("--mask-prob", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
@@ -141,6 +143,19 @@ def probe(model, corpus: Path):
                            for l in range(xs.shape[1])],
                 "all_layers": logistic_score(xs[half], ys[half], xs[~half], ys[~half]),
                 "effective_rank": out[task]["effective_rank"]}
+            if all(r.get("timbre") for r in rows):  # the notes' instrument family (NSynth-like; LEARNING.md 7.6)
+                fam = np.array([r["timbre"] for r in rows])
+                odd = np.array([int(r["label"]) % 2 == 1 for r in rows])[train]  # heard programs: odd -> even notes
+                out["family-notes"] = {  # programs never heard: train programs -> test programs
+                    "layers": [logistic_score(x[train][:, l:l + 1], fam[train], x[~train][:, l:l + 1], fam[~train],
+                                              c=1.0) for l in range(x.shape[1])],
+                    "all_layers": logistic_score(x[train], fam[train], x[~train], fam[~train]),
+                    "effective_rank": out[task]["effective_rank"]}
+                out["family-notes-seen"] = {
+                    "layers": [logistic_score(xs[odd][:, l:l + 1], fam[train][odd], xs[~odd][:, l:l + 1],
+                                              fam[train][~odd], c=1.0) for l in range(xs.shape[1])],
+                    "all_layers": logistic_score(xs[odd], fam[train][odd], xs[~odd], fam[train][~odd]),
+                    "effective_rank": out[task]["effective_rank"]}
     return out
 
 
@@ -179,7 +194,7 @@ def main(argv=None):
         codes = [torch.full((1, c.shape[0]), midi[p], dtype=torch.long) for p, c in zip(paths, cqts)]
 
     torch.manual_seed(args.seed)
-    student = MERTModel.from_preset("mert-tiny", seed=args.seed)
+    student = MERTModel.from_preset(args.preset, seed=args.seed)
     if args.conv_dim:
         config = dataclasses.replace(student.config, conv_dim=[args.conv_dim] * len(student.config.conv_dim))
         torch.manual_seed(args.seed)

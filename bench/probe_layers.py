@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where in a model does pitch or instrument live? Logistic probes of the stem and every layer.
 
-For each model (a ``save_pretrained`` folder, or ``random:SEED`` for ``mert-tiny`` at its random
-initialisation) and each task of a ``mert-corpus`` folder, every clip is encoded whole and
+For each model (a ``save_pretrained`` folder, or ``random:SEED[:PRESET]`` for a preset at its random
+initialisation, ``mert-tiny`` unless named; the demo's student is ``mert-small``) and each task of a ``mert-corpus`` folder, every clip is encoded whole and
 mean-pooled at the convolutional stem's output (``conv_features``: before the feature projection,
 not one of MERT's hidden states) and at every hidden state. A logistic regression is fitted on the
 training split and scored on the test split, twice per point:
@@ -16,7 +16,7 @@ Also printed per point: the effective rank and first-component share of the z-sc
 features (``mert_plugin.probe.mlp.feature_geometry``). docs/LEARNING.md 7.3 has the runs::
 
     python bench/probe_layers.py --corpus demo_output/corpus \\
-        --model random:1234 demo_output/pretrain/export
+        --model random:1234:mert-small demo_output/pretrain/export
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from mert_plugin.probe.mlp import feature_geometry  # noqa: E402
 
 def load_model(spec: str) -> MERTModel:
     if spec.startswith("random:"):
-        return MERTModel.from_preset("mert-tiny", seed=int(spec.split(":", 1)[1]))
+        _, seed, *preset = spec.split(":")
+        return MERTModel.from_preset(preset[0] if preset else "mert-tiny", seed=int(seed))
     return MERTModel.from_pretrained(spec)
 
 
@@ -66,7 +67,7 @@ def whiten(train: np.ndarray, test: np.ndarray):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", required=True, help="a mert-corpus folder (pitch.csv, instrument.csv, ...)")
-    ap.add_argument("--model", nargs="+", required=True, help="save_pretrained folders, or random:SEED")
+    ap.add_argument("--model", nargs="+", required=True, help="save_pretrained folders, or random:SEED[:PRESET]")
     ap.add_argument("--tasks", nargs="+", default=["pitch", "instrument"])
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)

@@ -78,7 +78,7 @@ class MERTConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str) -> "MERTConfig":
-        """Return a preset: ``mert-v1-95m``, ``mert-v1-330m``, ``mert-v0`` or ``mert-tiny``."""
+        """Return a preset: ``mert-v1-95m``, ``mert-v1-330m``, ``mert-v0``, ``mert-small`` or ``mert-tiny``."""
         key = name.lower().replace("_", "-")
         if key.startswith("m-a-p/"):
             key = key[len("m-a-p/"):]
@@ -246,8 +246,18 @@ PRESETS: Dict[str, MERTConfig] = {
     "mert-v0": MERTConfig(
         sample_rate=16000, activation_dropout=0.1, layerdrop=0.1,
     ),
+    # The demo's student: mert-tiny at twice the width (2.7 M parameters). On the demo corpus it
+    # learns pitch far better than mert-tiny in the same ~790 updates (0.79-0.86 vs 0.57-0.73 on
+    # corpus seeds 0-2); like mert-tiny, it keeps less timbre than its random init (docs/LEARNING.md
+    # 7.6). Not a released MERT geometry.
+    "mert-small": MERTConfig(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+        conv_dim=[128] * 7, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+        layerdrop=0.0,
+    ),
     # A few-MB model with the same 24 kHz rate, 400-sample receptive field and
-    # 320-sample hop as MERT-v1, for tests and demos on a CPU.
+    # 320-sample hop as MERT-v1, for tests and quick runs on a CPU.
     "mert-tiny": MERTConfig(
         hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
         conv_dim=[64] * 7, num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=8,

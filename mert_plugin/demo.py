@@ -4,9 +4,10 @@ Every step uses the project's real entry points, offline, on 2 CPU cores:
 
 1. ``mert-corpus``: render music21 scores into labelled 24 kHz clips (key, composer,
    instrument, pitch tasks; split by piece);
-2. the SpeechBrain recipe (``speechbrain_recipes/MERT/train.py hparams/mert_tiny.yaml``):
-   fit the demo acoustic teacher, write offline labels, pretrain ``mert-tiny`` on the
-   *training-split* clips only, export it;
+2. the SpeechBrain recipe (``speechbrain_recipes/MERT/train.py hparams/mert_tiny.yaml`` with
+   ``--preset=mert-small``, the yaml's student at twice the width: docs/LEARNING.md 7.6): fit the
+   demo acoustic teacher, write offline labels, pretrain on the *training-split* clips only,
+   export it;
 3. ``mert-export-onnx``: the pretrained model and the same model at its random
    initialisation (same seed as the recipe), each behind the ONNX parity gate;
 4. ``OnnxPredictMERT`` on ``essentia.standard.MonoLoader`` audio: all layers, mean-pooled
@@ -47,6 +48,8 @@ def _step(title: str):
 def _done(t0: float):
     print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
 
+
+DEMO_PRESET = "mert-small"  # the student (--recipe-arg=--preset=mert-tiny: the yaml's own, ~2x faster)
 
 # The demo's corpus is shaped for a paired comparison over test *pieces* (mert_plugin.probe.compare):
 # 12 pieces per composer, split 7/2/3, cut at 20 s, give 15 test pieces (3 per composer) from as
@@ -109,7 +112,7 @@ def recipe_command(data: Path, out: Path, epochs: int, seed: int, teacher: str, 
             "max_train_files": 0, "max_valid_files": 0, "device": "cpu",
             "total_updates": 0,  # the learning rate decays to zero at the end of the last epoch
             "snapshot_folder": out / "pretrain" / "snapshots",  # for the learning curve
-            "acoustic_teacher": teacher}
+            "acoustic_teacher": teacher, "preset": DEMO_PRESET}
     if teacher == "fitted":  # the EnCodec-shaped teacher: 8 codebooks x 1024 codes
         args.update(teacher_codebooks=8, teacher_clusters=1024)
     overrides, flags = parse_recipe_args(extra)
@@ -146,10 +149,10 @@ def export(model_dir: Path, recipe_seed: int, out: Path, extra=()):
     graphs = {}
     for name, make in (("pretrained", lambda: MERTModel.from_pretrained(str(model_dir))),
                        ("random_init", lambda: initial_student(model_dir, recipe_seed, extra))):
-        path = out / "onnx" / f"mert_tiny_{name}.onnx"
+        path = out / "onnx" / f"student_{name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or not path.with_suffix(".json").exists():
-            meta = export_onnx(make(), str(path), window_seconds=5.0, name=f"mert-tiny ({name}, demo)",
+            meta = export_onnx(make(), str(path), window_seconds=5.0, name=f"demo student ({name})",
                                source="demo")
             worst = max(meta["export"]["parity_max_abs_diff"].values())
             print(f"    {path.name}: max |onnxruntime - PyTorch| = {worst:.1e}")
@@ -377,8 +380,10 @@ def main(argv=None) -> int:
         shutil.rmtree(out)
     if args.quick:
         args.pieces, args.epochs = min(args.pieces, 6), 1
+    preset = overrides.get("preset", DEMO_PRESET)
     problem = claim_output_folder(out, {"pieces": args.pieces, "epochs": args.epochs, "seed": args.seed,
                                         "acoustic_teacher": args.acoustic_teacher, "quick": args.quick,
+                                        "student": preset,
                                         "corpus": {k: list(v) if isinstance(v, tuple) else v
                                                    for k, v in DEMO_CORPUS.items()},
                                         "recipe_args": {"overrides": overrides, "flags": sorted(flags)}})
@@ -391,7 +396,7 @@ def main(argv=None) -> int:
     t = _step("1/6 corpus: rendering music21 scores (mert-corpus)")
     corpus = build_corpus(out, args.pieces, args.seed, args.quick)
     _done(t)
-    t = _step("2/6 pretraining mert-tiny with the SpeechBrain recipe (teacher fit, offline labels, Brain.fit)")
+    t = _step(f"2/6 pretraining {preset} with the SpeechBrain recipe (teacher fit, offline labels, Brain.fit)")
     model_dir = pretrain(training_folder(corpus, out), out, args.epochs, recipe_seed, args.acoustic_teacher,
                         args.recipe_arg)
     _done(t)

@@ -18,7 +18,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     for task, entry in report["probe"].items():
         for name in ("pretrained", "random_init", "cqt"):
             assert 0.0 <= entry[name] <= 1.0 and f"{name}_std" in entry
-        assert len(entry["per_layer"]) == 5  # mert-tiny: 4 layers + the encoder input
+        assert len(entry["per_layer"]) == 5  # mert-small: 4 layers + the encoder input
     # The pretrained model is the recipe's export, not its random init: it made updates, and the two
     # feature sets differ (compared themselves: on the tiny test split two probe scores can tie by chance).
     with open(out / "pretrain" / "train_log.txt", encoding="utf-8") as f:
@@ -31,9 +31,11 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert a.shape == b.shape and a.shape[1] == 5 and np.isfinite(a).all() and np.isfinite(b).all()
     assert not np.array_equal(a, b)  # identical weights would give identical features (same graph, same input)
     for name in ("pretrained", "random_init"):
-        meta = json.loads((out / "onnx" / f"mert_tiny_{name}.json").read_text())
+        meta = json.loads((out / "onnx" / f"student_{name}.json").read_text())
         assert max(meta["export"]["parity_max_abs_diff"].values()) <= 1e-4
     assert (out / "pretrain" / "export" / "model.safetensors").exists()
+    exported = json.loads((out / "pretrain" / "export" / "config.json").read_text())
+    assert exported["hidden_size"] == 256 and exported["conv_dim"] == [128] * 7  # mert-small, the demo's student
     assert (out / "probe" / "plots" / "pretrain_loss.png").exists()
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["quick"] is True and len(summary["checks"]) == 5
@@ -60,6 +62,9 @@ def test_recipe_args_replace_the_demos_own_values(tmp_path):
     assert "--lr=0.0001" in cmd and "--debug" in cmd
     assert cmd.count("--noprogressbar") == 1
     assert parse_recipe_args(["--lr=1", "--lr=2"]) == ({"lr": "2"}, [])   # the last value wins, as recorded
+    assert "--preset=mert-small" in cmd                                      # the demo's student
+    tiny = recipe_command(tmp_path, tmp_path, 5, 1234, "cqt-kmeans", ["--preset=mert-tiny"])
+    assert [a for a in tiny if a.startswith("--preset=")] == ["--preset=mert-tiny"]
 
 
 def test_bad_recipe_arg_is_a_usage_error(tmp_path):
