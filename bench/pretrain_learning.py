@@ -52,9 +52,10 @@ def parse_args(argv=None):
     ap.add_argument("--clusters", type=int, default=128)
     ap.add_argument("--fit-files", type=int, default=0,
                     help="fit the k-means on this many evenly spread training clips (0: all; the recipe: 64)")
-    ap.add_argument("--code-spectrum", nargs="+", choices=["db", "linear", "mfcc"], default=["db"],
+    ap.add_argument("--code-spectrum", nargs="+", choices=["db", "linear", "mfcc", "joint"], default=["db"],
                     help="cqt-kmeans features, one codebook each (e.g. 'linear db': pitch codes + timbre codes; "
-                         "'mfcc': k-means over MFCC 1-19, a level-free spectral envelope, see mfcc_codes)")
+                         "'mfcc': k-means over MFCC 1-19, a level-free spectral envelope, see mfcc_codes; "
+                         "'joint': linear spectrum and MFCCs in one k-means, see joint_codes)")
     ap.add_argument("--codebook-weights", nargs="+", type=float, help="one CE weight per codebook (default: all 1)")
     ap.add_argument("--level-weight", type=float, default=0.0,
                     help="> 0: also regress each masked frame's level within its crop (ObjectiveConfig.level_weight)")
@@ -100,12 +101,35 @@ def mfcc_codes(audio, frames, clusters: int, seed: int, n_mfcc: int = 20, silenc
     a gain changes only c0), 24 kHz, hop 320 (the student's grid), frames more than ``silence_db``
     below the clip's loudest frame set to zero. ``frames``: each clip's CQT frame count.
     Returns one [1, T] code tensor per clip."""
+    return kmeans_codes(mfcc_frames(audio, frames, n_mfcc, silence_db), clusters, seed)
+
+
+def joint_codes(audio, cqts, clusters: int, seed: int, teacher: CQTKMeansTeacher):
+    """Pitch-and-timbre codes: k-means over each frame's linear semitone spectrum (the recipe's
+    pitch features) concatenated with its MFCCs 1..19, the MFCC block scaled to the spectrum block's
+    total variance, so that one code names a pitch played with a timbre (LEARNING.md 7.6)."""
+    spec = [teacher.features_from_cqt(c[None])[0] for c in cqts]
+    mf = mfcc_frames(audio, [c.shape[0] for c in cqts])
+    scale = (torch.cat(spec).var(0).sum() / torch.cat(mf).var(0).sum().clamp(min=1e-12)).sqrt()
+    return kmeans_codes([torch.cat([a, scale * b], 1) for a, b in zip(spec, mf)], clusters, seed)
+
+
+def kmeans_codes(feats, clusters: int, seed: int):
+    """k-means over frames [T, D] of every clip (100k sampled) -> one [1, T] code tensor per clip."""
+    from mert_plugin.teachers import kmeans, nearest
+
+    flat = torch.cat(feats)
+    sample = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:100_000]]
+    centroids = kmeans(sample, clusters, iters=20, seed=seed)
+    return [nearest(x, centroids)[None] for x in feats]
+
+
+def mfcc_frames(audio, frames, n_mfcc: int = 20, silence_db: float = 50.0):
+    """Each clip's MFCCs 1..n_mfcc-1 on the student's frame grid [T, n_mfcc - 1] (see :func:`mfcc_codes`)."""
     import mert_plugin.compat
 
     mert_plugin.compat.ensure_torchaudio_importable()
     import torchaudio
-
-    from mert_plugin.teachers import kmeans, nearest
 
     mfcc = torchaudio.transforms.MFCC(24000, n_mfcc=n_mfcc, log_mels=False,
                                       melkwargs=dict(n_fft=1024, hop_length=320, n_mels=64, center=True))
@@ -118,10 +142,7 @@ def mfcc_codes(audio, frames, clusters: int, seed: int, n_mfcc: int = 20, silenc
         x = m[:, 1:].clone()
         x[silent] = 0.0
         feats.append(x)
-    flat = torch.cat(feats)
-    sample = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:100_000]]
-    centroids = kmeans(sample, clusters, iters=20, seed=seed)
-    return [nearest(x, centroids)[None] for x in feats]
+    return feats
 
 
 def probe(model, corpus: Path):
@@ -184,6 +205,10 @@ def main(argv=None):
         for spectrum in args.code_spectrum:  # one codebook per spectrum
             if spectrum == "mfcc":
                 books.append(mfcc_codes(audio, [c.shape[0] for c in cqts], args.clusters, args.seed))
+                continue
+            if spectrum == "joint":
+                lin = CQTKMeansTeacher(args.clusters, 1, seed=args.seed, cqt=cqt_teacher, spectrum="linear")
+                books.append(joint_codes(audio, cqts, args.clusters, args.seed, lin))
                 continue
             teacher = CQTKMeansTeacher(args.clusters, 1, seed=args.seed, cqt=cqt_teacher, spectrum=spectrum)
             teacher.fit_features(torch.cat([teacher.features_from_cqt(c[None])[0] for c in fit]))

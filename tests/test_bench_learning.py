@@ -125,3 +125,32 @@ def test_seen_programs_tell_program_timbre_that_does_not_transfer():
     unseen = compare_by_group({"own": big, "noise": noise}, labels, programs)
     assert seen["accuracy"]["own"] > 0.9 and seen["differences"]["noise"]["ci_low"] > 0
     assert unseen["accuracy"]["own"] < 0.6  # 3 families: chance 1/3
+
+
+def test_joint_codes_name_pitch_and_timbre_and_ignore_gain():
+    """bench/pretrain_learning.py's joint codebook (linear semitone spectrum + MFCCs in one k-means):
+    the same pitch with another timbre, and the same timbre at another pitch, get other codes; a
+    gain changes nothing (both feature blocks are level-free)."""
+    from mert_plugin.teachers import CQTKMeansTeacher, CQTTeacher
+
+    bench = _load("pretrain_learning")
+    sr = 24000
+    t = torch.arange(sr) / sr
+
+    def tone(f0, harmonics):
+        x = sum(torch.sin(2 * torch.pi * f0 * h * t) / h for h in range(1, harmonics + 1))
+        return 0.3 * x / x.abs().max()
+
+    clips = [tone(220, 12), tone(220, 1), tone(330, 12), tone(330, 1)]
+    cqt = CQTTeacher()
+
+    def codes(audio):
+        cqts = [cqt(a[None])[0] for a in audio]
+        teacher = CQTKMeansTeacher(8, 1, seed=0, cqt=cqt, spectrum="linear")
+        return bench.joint_codes(audio, cqts, clusters=8, seed=0, teacher=teacher)
+
+    plain, louder = codes(clips), codes([10.0 * c for c in clips])
+    for a, b in zip(plain, louder):
+        assert torch.equal(a, b)
+    mid = [int(c[0, 30:-30].mode().values) for c in plain]  # away from the clip edges
+    assert len(set(mid)) == 4, mid  # bright/dull x 220/330 Hz: four codes
