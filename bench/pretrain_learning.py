@@ -57,6 +57,9 @@ def parse_args(argv=None):
                          "'mfcc': k-means over MFCC 1-19, a level-free spectral envelope, see mfcc_codes; "
                          "'joint': linear spectrum and MFCCs in one k-means, see joint_codes)")
     ap.add_argument("--codebook-weights", nargs="+", type=float, help="one CE weight per codebook (default: all 1)")
+    ap.add_argument("--mfcc-target", type=float, default=0.0,
+                    help="> 0: also regress each masked frame's z-scored MFCCs 1-19 with a linear head on the last "
+                         "layer, at this weight (a continuous timbre target beside the CQT head; LEARNING.md 7.6)")
     ap.add_argument("--level-weight", type=float, default=0.0,
                     help="> 0: also regress each masked frame's level within its crop (ObjectiveConfig.level_weight)")
     ap.add_argument("--cqt-target", choices=["linear", "linear-frame", "db", "db-frame", "none"], default="db-frame")
@@ -236,7 +239,16 @@ def main(argv=None):
                              level_weight=args.level_weight, mixture_prob=args.mixture,
                              mask_prob=args.mask_prob)
     trainer = MERTPretrainer(student, config).train()
-    opt = torch.optim.AdamW(trainer.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    params = list(trainer.parameters())
+    if args.mfcc_target > 0:  # a continuous timbre target: z-scored MFCCs 1-19 of each masked frame
+        mfccs = mfcc_frames(audio, [c.shape[0] for c in cqts])
+        flat = torch.cat(mfccs)
+        mfccs = [(m - flat.mean(0)) / flat.std(0).clamp(min=1e-6) for m in mfccs]
+        mfcc_head = torch.nn.Linear(student.config.hidden_size, flat.shape[1])
+        params += list(mfcc_head.parameters())
+        last = {}
+        student.register_forward_hook(lambda module, inputs, output: last.__setitem__("h", output.last_hidden_state))
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
     crop, hop = int(args.crop * 24000) // 320 * 320, 320
     t0 = time.perf_counter()
@@ -253,14 +265,21 @@ def main(argv=None):
         cqt = torch.stack([cqts[i][s // hop: s // hop + cut] for i, s in zip(idx, starts)])
         code = torch.stack([codes[i][:, s // hop: s // hop + cut] for i, s in zip(idx, starts)]) if codes else None
         out = trainer(wav, codes=code, cqt=cqt if config.use_cqt else None, generator=gen)
+        loss = out.loss
+        if args.mfcc_target > 0:
+            target = torch.stack([mfccs[i][s // hop: s // hop + cut] for i, s in zip(idx, starts)])
+            sel = out.mask[:, :cut]
+            mse = (mfcc_head(last["h"][:, :cut][sel]) - target[sel]).pow(2).mean()
+            loss = loss + args.mfcc_target * mse
+            out.terms["mfcc_mse"] = mse.detach()
         opt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.parameters(), 10.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
         results["log"].append({k: float(v) for k, v in out.terms.items() if not k[-1].isdigit()})
         if step % 100 == 0 or step == args.updates:
             recent = results["log"][-100:]
-            means = {k: np.mean([r[k] for r in recent]) for k in ("loss", "acoustic_ce", "acoustic_acc", "cqt_mse", "unmasked_acoustic_acc")
+            means = {k: np.mean([r[k] for r in recent]) for k in ("loss", "acoustic_ce", "acoustic_acc", "cqt_mse", "mfcc_mse", "unmasked_acoustic_acc")
                      if k in recent[-1]}
             print(f"update {step} ({time.perf_counter() - t0:.0f} s) " + " ".join(f"{k} {v:.4g}" for k, v in means.items()),
                   flush=True)
