@@ -148,6 +148,13 @@ def mfcc_frames(audio, frames, n_mfcc: int = 20, silence_db: float = 50.0):
     return feats
 
 
+def scores(x, y, fit, rank):
+    """Logistic probes fitted on ``x[fit]`` and scored on ``x[~fit]``: per layer and all layers."""
+    return {"layers": [logistic_score(x[fit][:, l:l + 1], y[fit], x[~fit][:, l:l + 1], y[~fit], c=1.0)
+                       for l in range(x.shape[1])],
+            "all_layers": logistic_score(x[fit], y[fit], x[~fit], y[~fit]), "effective_rank": rank}
+
+
 def probe(model, corpus: Path):
     out = {}
     for task in TASKS:
@@ -155,31 +162,16 @@ def probe(model, corpus: Path):
         x = pooled_layers(model, corpus, [r["path"] for r in rows])
         train = np.array([r["split"] == "train" for r in rows])
         y = np.array([r["label"] for r in rows])
-        layers = [logistic_score(x[train][:, l:l + 1], y[train], x[~train][:, l:l + 1], y[~train], c=1.0)
-                  for l in range(x.shape[1])]
-        out[task] = {"layers": layers, "all_layers": logistic_score(x[train], y[train], x[~train], y[~train]),
-                     "effective_rank": feature_geometry(x[train])["effective_rank"]}
+        rank = feature_geometry(x[train])["effective_rank"]
+        out[task] = scores(x, y, train, rank)
         if task == "pitch":  # the same instruments on both sides: half of the training clips -> the other half
             xs, ys = x[train], y[train]
-            half = np.random.default_rng(0).permutation(len(ys)) % 2 == 0
-            out["pitch-seen"] = {
-                "layers": [logistic_score(xs[half][:, l:l + 1], ys[half], xs[~half][:, l:l + 1], ys[~half], c=1.0)
-                           for l in range(xs.shape[1])],
-                "all_layers": logistic_score(xs[half], ys[half], xs[~half], ys[~half]),
-                "effective_rank": out[task]["effective_rank"]}
+            out["pitch-seen"] = scores(xs, ys, np.random.default_rng(0).permutation(len(ys)) % 2 == 0, rank)
             if all(r.get("timbre") for r in rows):  # the notes' instrument family (NSynth-like; LEARNING.md 7.6)
                 fam = np.array([r["timbre"] for r in rows])
                 odd = np.array([int(r["label"]) % 2 == 1 for r in rows])[train]  # heard programs: odd -> even notes
-                out["family-notes"] = {  # programs never heard: train programs -> test programs
-                    "layers": [logistic_score(x[train][:, l:l + 1], fam[train], x[~train][:, l:l + 1], fam[~train],
-                                              c=1.0) for l in range(x.shape[1])],
-                    "all_layers": logistic_score(x[train], fam[train], x[~train], fam[~train]),
-                    "effective_rank": out[task]["effective_rank"]}
-                out["family-notes-seen"] = {
-                    "layers": [logistic_score(xs[odd][:, l:l + 1], fam[train][odd], xs[~odd][:, l:l + 1],
-                                              fam[train][~odd], c=1.0) for l in range(xs.shape[1])],
-                    "all_layers": logistic_score(xs[odd], fam[train][odd], xs[~odd], fam[train][~odd]),
-                    "effective_rank": out[task]["effective_rank"]}
+                out["family-notes"] = scores(x, fam, train, rank)  # programs never heard: train -> test programs
+                out["family-notes-seen"] = scores(xs, fam[train], odd, rank)
     return out
 
 
