@@ -58,8 +58,8 @@ def parse_args(argv=None):
                          "'joint': linear spectrum and MFCCs in one k-means, see joint_codes)")
     ap.add_argument("--codebook-weights", nargs="+", type=float, help="one CE weight per codebook (default: all 1)")
     ap.add_argument("--mfcc-target", type=float, default=0.0,
-                    help="> 0: also regress each masked frame's z-scored MFCCs 1-19 with a linear head on the last "
-                         "layer, at this weight (a continuous timbre target beside the CQT head; LEARNING.md 7.6)")
+                    help="> 0: also regress each masked frame's standardised MFCCs 1-19 with a linear head on the "
+                         "last layer, at this weight (ObjectiveConfig.mfcc_weight; LEARNING.md 7.6-7.7)")
     ap.add_argument("--level-weight", type=float, default=0.0,
                     help="> 0: also regress each masked frame's level within its crop (ObjectiveConfig.level_weight)")
     ap.add_argument("--cqt-target", choices=["linear", "linear-frame", "db", "db-frame", "none"], default="db-frame")
@@ -129,22 +129,14 @@ def kmeans_codes(feats, clusters: int, seed: int):
 
 def mfcc_frames(audio, frames, n_mfcc: int = 20, silence_db: float = 50.0):
     """Each clip's MFCCs 1..n_mfcc-1 on the student's frame grid [T, n_mfcc - 1] (see :func:`mfcc_codes`)."""
-    import mert_plugin.compat
+    from mert_plugin.teachers import MFCCTarget
 
-    mert_plugin.compat.ensure_torchaudio_importable()
-    import torchaudio
-
-    mfcc = torchaudio.transforms.MFCC(24000, n_mfcc=n_mfcc, log_mels=False,
-                                      melkwargs=dict(n_fft=1024, hop_length=320, n_mels=64, center=True))
+    target = MFCCTarget(silence_db=silence_db)
+    assert n_mfcc == target.n_mfcc, "MFCCTarget computes MFCCs 1-19"
     feats = []
     for wav, t in zip(audio, frames):
-        m = mfcc(wav.float()).T[:t]  # [T, n_mfcc]
-        m = torch.cat([m, m[-1:].expand(t - m.shape[0], -1)]) if m.shape[0] < t else m
-        # c0 = sqrt(n_mels) x the frame's mean mel level in dB (orthonormal DCT)
-        silent = m[:, 0] < m[:, 0].max() - silence_db * 64 ** 0.5
-        x = m[:, 1:].clone()
-        x[silent] = 0.0
-        feats.append(x)
+        m = target(wav[None])[0][:t]  # [T, 19]
+        feats.append(torch.cat([m, m[-1:].expand(t - m.shape[0], -1)]) if m.shape[0] < t else m)
     return feats
 
 
@@ -228,18 +220,11 @@ def main(argv=None):
                              feature_penalty_weight=args.feature_penalty, feature_grad_mult=args.feature_grad_mult,
                              pred_nomask_weight=args.pred_nomask,
                              codebook_weights=tuple(args.codebook_weights) if args.codebook_weights else None,
-                             level_weight=args.level_weight, mixture_prob=args.mixture,
+                             level_weight=args.level_weight, mfcc_weight=args.mfcc_target,
+                             mixture_prob=args.mixture,
                              mask_prob=args.mask_prob)
     trainer = MERTPretrainer(student, config).train()
     params = list(trainer.parameters())
-    if args.mfcc_target > 0:  # a continuous timbre target: z-scored MFCCs 1-19 of each masked frame
-        mfccs = mfcc_frames(audio, [c.shape[0] for c in cqts])
-        flat = torch.cat(mfccs)
-        mfccs = [(m - flat.mean(0)) / flat.std(0).clamp(min=1e-6) for m in mfccs]
-        mfcc_head = torch.nn.Linear(student.config.hidden_size, flat.shape[1])
-        params += list(mfcc_head.parameters())
-        last = {}
-        student.register_forward_hook(lambda module, inputs, output: last.__setitem__("h", output.last_hidden_state))
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
     crop, hop = int(args.crop * 24000) // 320 * 320, 320
@@ -257,15 +242,8 @@ def main(argv=None):
         cqt = torch.stack([cqts[i][s // hop: s // hop + cut] for i, s in zip(idx, starts)])
         code = torch.stack([codes[i][:, s // hop: s // hop + cut] for i, s in zip(idx, starts)]) if codes else None
         out = trainer(wav, codes=code, cqt=cqt if config.use_cqt else None, generator=gen)
-        loss = out.loss
-        if args.mfcc_target > 0:
-            target = torch.stack([mfccs[i][s // hop: s // hop + cut] for i, s in zip(idx, starts)])
-            sel = out.mask[:, :cut]
-            mse = (mfcc_head(last["h"][:, :cut][sel]) - target[sel]).pow(2).mean()
-            loss = loss + args.mfcc_target * mse
-            out.terms["mfcc_mse"] = mse.detach()
         opt.zero_grad()
-        loss.backward()
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
         results["log"].append({k: float(v) for k, v in out.terms.items() if not k[-1].isdigit()})

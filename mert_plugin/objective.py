@@ -8,6 +8,7 @@ teacher labels::
     mask  = span mask over the student's frames     (mask_prob 0.8, span 5, >= 2 spans)
     h     = student(noisy, masked frames -> learned mask embedding).last_hidden_state
     loss  = sum_k CE_k  +  cqt_weight * MSE_cqt  +  feature_penalty_weight * mean(conv_features^2)
+            (+ level_weight * MSE_level + mfcc_weight * MSE_mfcc: small-scale extras, off by default)
 
 CE_k and MSE are means over the masked (non-padded) frames; CE_k is a softmax
 cross-entropy whose logits are the cosine similarities between the untied
@@ -72,6 +73,9 @@ class ObjectiveConfig:
     # > 0: also regress each masked frame's level (its loudest CQT bin in dB re the crop's loudest,
     # in [0, 1]; MERTPretrainer.level_target) from a 1-dim head, with this weight. Needs use_cqt.
     level_weight: float = 0.0
+    # > 0: also regress each masked frame's MFCCs 1-19 of the clean audio (a continuous timbre target,
+    # teachers.MFCCTarget), standardised with running training statistics, from a linear head.
+    mfcc_weight: float = 0.0
     # Extras (not in the shared contract; off by default).
     attention_relax: float = 0.0  # > 0: PB-relax attention in the student (fp16 overflow guard), e.g. 32
 
@@ -112,6 +116,8 @@ class ObjectiveConfig:
         if self.level_weight < 0 or (self.level_weight > 0 and not self.use_cqt):
             problems.append(f"level_weight must be >= 0 and needs use_cqt (the level is read from the CQT), "
                             f"got {self.level_weight}")
+        if self.mfcc_weight < 0:
+            problems.append(f"mfcc_weight must be >= 0, got {self.mfcc_weight}")
         if self.cqt_target not in CQT_TARGETS:
             problems.append(f"cqt_target must be one of {', '.join(CQT_TARGETS)}, got {self.cqt_target!r}")
         if self.pred_nomask_weight < 0:
@@ -188,6 +194,16 @@ class MERTPretrainer(nn.Module):
                                            config.logit_temp) if config.use_acoustic else None)
         self.cqt_head = nn.Linear(d, config.cqt_bins) if config.use_cqt else None
         self.level_head = nn.Linear(d, 1) if config.level_weight > 0 else None
+        self.mfcc_head = self.mfcc_teacher = None
+        if config.mfcc_weight > 0:
+            from .teachers import MFCCTarget
+
+            self.mfcc_teacher = MFCCTarget(student.config.sample_rate)
+            self.mfcc_head = nn.Linear(d, self.mfcc_teacher.dims)
+            # running mean / sum of squared deviations of the training frames' MFCCs (checkpointed)
+            self.register_buffer("mfcc_count", torch.zeros((), dtype=torch.float64))
+            self.register_buffer("mfcc_mean", torch.zeros(self.mfcc_teacher.dims, dtype=torch.float64))
+            self.register_buffer("mfcc_m2", torch.zeros(self.mfcc_teacher.dims, dtype=torch.float64))
         self.code_log_prior: Optional[Tensor] = None  # [K, C] log frequencies, see set_code_prior
 
     # ------------------------------------------------------------------ steps
@@ -253,16 +269,21 @@ class MERTPretrainer(nn.Module):
         terms = {"feature_penalty": feature_penalty.detach(),
                  "masked_frames": loss_mask.sum().detach().float(),
                  "masked_fraction": (mask & frame_valid).sum().float() / frame_valid.sum().clamp(min=1)}
-        level = self.level_target(cqt[:, :frames].float()) if self.level_head is not None else None
-        cqt = self.cqt_target(cqt[:, :frames].float()) if c.use_cqt else None
+        regressions = {}  # name -> [B, T, dims] target of the head `<name>_head`, weighted by `<name>_weight`
+        if c.use_cqt:
+            regressions["cqt"] = self.cqt_target(cqt[:, :frames].float())
+        if self.level_head is not None:
+            regressions["level"] = self.level_target(cqt[:, :frames].float())[..., None]
+        if self.mfcc_head is not None:
+            regressions["mfcc"] = self.standardized_mfcc(wav, frame_valid)
         codes = codes[:, :, :frames] if c.use_acoustic else None
-        predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, loss_mask, codes, cqt, level)
+        predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, loss_mask, codes, regressions)
         loss = loss + predicted
         terms.update(predicted_terms)
         if c.pred_nomask_weight > 0:  # fairseq HuBERT's pred_nomask_weight: also predict the visible frames
             visible = frame_valid & ~mask
             visible[:, label_frames:] = False
-            predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, visible, codes, cqt, level,
+            predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, visible, codes, regressions,
                                                                baselines=False)
             loss = loss + c.pred_nomask_weight * predicted
             terms.update({f"unmasked_{k}": v for k, v in predicted_terms.items() if not k[-1].isdigit()})
@@ -299,10 +320,37 @@ class MERTPretrainer(nn.Module):
         clip_peak = frame_peak.amax(dim=1, keepdim=True).clamp(min=1e-8)
         return (20.0 * torch.log10(frame_peak / clip_peak + 10 ** (-floor_db / 20)) / floor_db + 1.0).clamp(min=0.0)
 
-    def _prediction_loss(self, hidden: Tensor, select: Tensor, codes: Optional[Tensor], cqt: Optional[Tensor],
-                         level: Optional[Tensor] = None, baselines: bool = True):
+    @torch.no_grad()
+    def standardized_mfcc(self, wav: Tensor, frame_valid: Tensor) -> Tensor:
+        """The MFCC target [B, T, 19] of the CLEAN ``wav`` [B, N] on the student's T frames, each
+        coefficient standardised with the running mean and variance of every valid training frame
+        seen so far (updated here in training mode; a batch before any training uses its own).
+        Running, not per-batch, statistics: a batch of a few clips of one instrument must keep what
+        sets that instrument apart in its target."""
+        frames = frame_valid.shape[1]
+        with torch.autocast(wav.device.type, enabled=False):
+            mfcc = self.mfcc_teacher(wav.float())
+        self._check_length("mfcc", mfcc.shape[1], frames)
+        mfcc = mfcc[:, :frames]
+        x = mfcc[frame_valid[:, : mfcc.shape[1]]].double()  # [n, 19]
+        count, mean, m2 = self.mfcc_count, self.mfcc_mean, self.mfcc_m2
+        if x.shape[0] and (self.training or count == 0):  # Chan et al.'s pairwise update of mean and M2
+            n = float(x.shape[0])
+            delta = x.mean(0) - mean
+            total = count + n
+            mean = mean + delta * n / total
+            m2 = m2 + ((x - x.mean(0)) ** 2).sum(0) + delta ** 2 * count * n / total
+            count = total
+            if self.training:
+                self.mfcc_count.copy_(count), self.mfcc_mean.copy_(mean), self.mfcc_m2.copy_(m2)
+        std = (m2 / count.clamp(min=1)).sqrt().clamp(min=1e-6)
+        return ((mfcc - mean) / std).float()
+
+    def _prediction_loss(self, hidden: Tensor, select: Tensor, codes: Optional[Tensor],
+                         regressions: Dict[str, Tensor], baselines: bool = True):
         """Prediction losses at the ``select`` [B, T] frames of ``hidden`` [B, T, D]: (sum of the
-        codebook CEs + cqt_weight * CQT MSE + level_weight * level MSE, detached terms for logging)."""
+        codebook CEs + for each regression target (``cqt``, ``level``, ``mfcc``: [B, T', dims]) its
+        weight x the MSE of its head, detached terms for logging)."""
         c = self.config
         h = hidden[select]  # [N, D]
         loss, terms = hidden.new_zeros(()), {}
@@ -322,18 +370,12 @@ class MERTPretrainer(nn.Module):
                 terms[f"acoustic_ce_{k}"] = v
             if baselines and not self.training and h.shape[0]:
                 terms.update(self.baselines(codes, select, target))
-        if cqt is not None:
-            pred = self.cqt_head(h).float()
-            target = cqt[select[:, : cqt.shape[1]]]
+        for name, target in regressions.items():
+            pred = getattr(self, f"{name}_head")(h).float()
+            target = target[select[:, : target.shape[1]]]
             mse = F.mse_loss(pred, target) if h.shape[0] else pred.sum()
-            loss = loss + c.cqt_weight * mse
-            terms["cqt_mse"] = mse.detach()
-        if level is not None:
-            pred = self.level_head(h).float()[:, 0]
-            target = level[select[:, : level.shape[1]]]
-            mse = F.mse_loss(pred, target) if h.shape[0] else pred.sum()
-            loss = loss + c.level_weight * mse
-            terms["level_mse"] = mse.detach()
+            loss = loss + getattr(c, f"{name}_weight") * mse
+            terms[f"{name}_mse"] = mse.detach()
         return loss, terms
 
     # ------------------------------------------------------------- baselines

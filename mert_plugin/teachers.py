@@ -9,6 +9,8 @@
   settings (linear magnitude, 336 bins, 75 Hz), computed on clean audio.
 * :class:`MFCCKMeansTeacher` -- MERT-v0 style labels: k-means over MFCC + deltas
   at 16 kHz / 50 Hz (HuBERT iteration-1 features), fitted on your data.
+* :class:`MFCCTarget` -- not a MERT teacher: each frame's MFCCs 1-19 on the 75 Hz
+  grid, a continuous timbre target for small-scale runs (``mfcc_weight``).
 * :class:`LabelGenerator` -- the teachers together, cropped to the student's
   frames; used offline (``mert-labels``) and online (in the training step).
 
@@ -445,6 +447,53 @@ def shape_spectrum(cqt: Tensor, silence_db: float = 50.0) -> Tensor:
     clip_peak = cqt.amax(dim=(1, 2), keepdim=True).clamp(min=1e-8)
     peak = cqt.amax(dim=2, keepdim=True).clamp(min=1e-8)
     return _zero_silent_frames(cqt / peak, peak, clip_peak, silence_db)
+
+
+class MFCCTarget(nn.Module):
+    """A continuous timbre target: wav [B, N] at 24 kHz -> MFCCs 1..19 [B, N // 320 + 1, 19].
+
+    On the CQT's frame grid (centred 1024-point STFT, hop 320 = the student's 75 Hz), 64 mel
+    bands in dB (power, floored 80 dB below each clip's loudest band as torchaudio's MFCC does),
+    orthonormal DCT. c0 (the frame's level) is left out, so the target does not depend on gain;
+    frames whose mean mel level is more than ``silence_db`` below the clip's loudest frame are
+    zeros, so silence and its noise floor are no target. Not a MERT teacher: the tiny recipe's
+    ``mfcc_weight`` (docs/LEARNING.md 7.7). Built from torchaudio's functional ops; the tests
+    compare it with ``torchaudio.transforms.MFCC``.
+    """
+
+    n_fft, hop_length, n_mels, n_mfcc, top_db = 1024, 320, 64, 20, 80.0
+
+    def __init__(self, sample_rate: int = 24000, silence_db: float = 50.0):
+        super().__init__()
+        from .compat import ensure_torchaudio_importable
+
+        ensure_torchaudio_importable()
+        import torchaudio.functional as AF
+
+        self.sample_rate, self.silence_db = sample_rate, silence_db
+        # fixed transforms, rebuilt from the settings: not part of a checkpoint
+        self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
+        self.register_buffer("mel_fb", AF.melscale_fbanks(self.n_fft // 2 + 1, 0.0, sample_rate / 2, self.n_mels,
+                                                          sample_rate), persistent=False)  # [freqs, mels]
+        self.register_buffer("dct", AF.create_dct(self.n_mfcc, self.n_mels, "ortho"), persistent=False)  # [mels, n_mfcc]
+
+    @property
+    def dims(self) -> int:
+        return self.n_mfcc - 1
+
+    def num_frames(self, num_samples: int) -> int:
+        return num_samples // self.hop_length + 1
+
+    @torch.no_grad()
+    def forward(self, wav: Tensor) -> Tensor:
+        wav = _as_batch(wav).float()
+        spec = torch.stft(wav, self.n_fft, self.hop_length, window=self.window, center=True, pad_mode="reflect",
+                          return_complex=True).abs().pow(2)  # [B, freqs, T]
+        db = 10.0 * torch.log10((spec.transpose(1, 2) @ self.mel_fb).clamp(min=1e-10))  # [B, T, mels]
+        db = torch.maximum(db, db.amax(dim=(1, 2), keepdim=True) - self.top_db)
+        level = db.mean(-1, keepdim=True)  # [B, T, 1]
+        audible = level >= level.amax(dim=1, keepdim=True) - self.silence_db
+        return torch.where(audible, db @ self.dct[:, 1:], 0.0)
 
 
 class CQTKMeansTeacher(_CentroidState, nn.Module):

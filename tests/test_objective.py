@@ -430,3 +430,48 @@ def test_level_weight_adds_a_level_head_and_its_loss():
     for bad in (dict(level_weight=-1.0), dict(level_weight=1.0, use_cqt=False)):
         with pytest.raises(ConfigError, match="level_weight"):
             ObjectiveConfig(**bad).validate()
+
+
+def test_mfcc_weight_adds_a_head_on_running_standardised_mfccs_of_the_clean_audio():
+    from mert_plugin.teachers import MFCCTarget
+    from test_teachers import synth_music
+
+    wavs = [torch.stack([synth_music(1.0, s), synth_music(1.0, s + 1) * 0.3]) for s in (0, 2)]
+    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(24000)
+    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336) + 0.01
+    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for w in (0.0, 3.0):
+        torch.manual_seed(0)
+        trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0),
+                                 ObjectiveConfig(mfcc_weight=w, mixture_prob=0.0, cqt_target="db-frame")).eval()
+        assert (trainer.mfcc_head is None) == (w == 0) and ("mfcc_mean" in trainer.state_dict()) == (w > 0)
+        outs[w] = (trainer, trainer(wavs[0], codes, cqt, mask=mask).terms)
+    plain, (trainer, with_mfcc) = outs[0.0][1], outs[3.0]
+    assert "mfcc_mse" not in plain
+    assert float(with_mfcc["loss"]) == pytest.approx(float(plain["loss"] + 3.0 * with_mfcc["mfcc_mse"]), rel=1e-5)
+    assert float(trainer.mfcc_count) == 0  # eval mode before any training: the batch's own statistics
+    mfccs = [MFCCTarget()(w)[:, :t] for w in wavs]  # the clean audio's MFCCs on the student's frames
+    with torch.no_grad():
+        h = trainer.student(wavs[0], mask_time_indices=mask).last_hidden_state
+        x = mfccs[0].reshape(-1, 19)
+        target = (mfccs[0] - x.mean(0)) / x.std(0, unbiased=False)
+        expected = F.mse_loss(trainer.mfcc_head(h[mask]), target[mask])
+    assert float(with_mfcc["mfcc_mse"]) == pytest.approx(float(expected), rel=1e-4)
+
+    # training: the statistics run over every valid frame seen (noise is mixed into the input only)
+    trainer.config.mixture_prob = 1.0
+    trainer.train()
+    for wav in wavs:
+        out = trainer(wav, codes, cqt, generator=torch.Generator().manual_seed(1))
+    seen = torch.cat(mfccs).reshape(-1, 19).double()
+    assert float(trainer.mfcc_count) == seen.shape[0]
+    torch.testing.assert_close(trainer.mfcc_mean, seen.mean(0))
+    torch.testing.assert_close(trainer.mfcc_m2 / trainer.mfcc_count, seen.var(0, unbiased=False))
+    out.loss.backward()
+    assert float(trainer.mfcc_head.weight.grad.abs().sum()) > 0
+    trainer.eval()
+    trainer(wavs[0], codes, cqt, mask=mask)
+    assert float(trainer.mfcc_count) == seen.shape[0]  # evaluation does not move them
+    with pytest.raises(ConfigError, match="mfcc_weight"):
+        ObjectiveConfig(mfcc_weight=-1.0).validate()

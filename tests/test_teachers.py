@@ -11,7 +11,7 @@ import torch
 from mert_plugin import MERTConfig
 from mert_plugin.errors import CheckpointError, MERTError
 from mert_plugin.teachers import (ENCODEC_CHECKPOINT, CQTKMeansTeacher, CQTTeacher, LabelGenerator, MFCCKMeansTeacher,
-                                  shape_spectrum,
+                                  MFCCTarget, shape_spectrum,
                                   build_encodec_24khz)
 
 
@@ -333,3 +333,32 @@ def test_cqt_kmeans_linear_spectrum_codes_name_the_pitch_across_timbres(tmp_path
         LabelGenerator.from_spec("cqt-kmeans", use_cqt=False, teacher_state=state, num_clusters=5)
     with pytest.raises(MERTError, match="spectrum"):
         CQTKMeansTeacher(spectrum="log")
+
+
+def test_mfcc_target_is_torchaudio_mfcc_level_free_on_the_cqt_grid(cqt_teacher):
+    import mert_plugin.compat
+
+    mert_plugin.compat.ensure_torchaudio_importable()
+    import torchaudio
+
+    target = MFCCTarget()
+    music = synth_music(3.0, 5)
+    quiet = torch.cat([synth_music(1.0, 6), torch.randn(24000) * 1e-6, synth_music(1.0, 7)])  # a silent second
+    out = target(torch.stack([music, quiet]))
+    assert out.shape == (2, cqt_teacher(music[None]).shape[1], 19) == (2, target.num_frames(72000), 19)
+    reference = torchaudio.transforms.MFCC(24000, n_mfcc=20, log_mels=False, melkwargs=dict(
+        n_fft=1024, hop_length=320, n_mels=64, center=True))
+    for clip, got in zip((music, quiet), out):  # each clip on its own: the 80 dB floor is per clip
+        expected = reference(clip[None])[0].T[:, 1:]
+        audible = got.abs().sum(-1) > 0
+        torch.testing.assert_close(got[audible], expected[audible], rtol=1e-4, atol=1e-3)
+    silent = out[1, 80:145]  # frames wholly inside the near-silent second (75..150, less the window's reach)
+    assert float(silent.abs().max()) < 1e-3 and bool((out[1, :70].abs().amax(-1) > 0.1).all())
+    for gain in (0.05, 10.0):  # c0 (the level) is left out: the same target at any gain
+        torch.testing.assert_close(target(music[None] * gain)[0], out[0], rtol=1e-3, atol=2e-3)
+    # a crop at a multiple of the hop sees the same frames, away from its edges (with a noise floor
+    # above the 80 dB floor, which is set by each crop's own loudest band)
+    noisy = music + torch.randn(music.shape, generator=torch.Generator().manual_seed(0)) * 0.01
+    start, n = 40, 48000
+    full, crop = target(noisy[None])[0], target(noisy[start * 320: start * 320 + n][None])[0]
+    torch.testing.assert_close(crop[3:-3], full[start + 3: start + target.num_frames(n) - 3], rtol=1e-4, atol=1e-3)
