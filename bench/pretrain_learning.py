@@ -212,7 +212,9 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         student = MERTModel(config)
         student.reset_parameters()
-    results = {"settings": vars(args), "random_init": probe(student, corpus), "log": [], "probes": {}}
+    results = {"settings": vars(args), "random_init": probe(student, corpus), "log": [], "probes": {},
+               "student": {"hidden_size": student.config.hidden_size,
+                           "parameters": sum(p.numel() for p in student.parameters())}}
     show("random", results["random_init"])
     config = ObjectiveConfig(num_codebooks=codes[0].shape[0] if codes else 1, codebook_size=args.clusters, final_dim=32,
                              use_acoustic=codes is not None, use_cqt=args.cqt_target != "none",

@@ -154,3 +154,38 @@ def test_joint_codes_name_pitch_and_timbre_and_ignore_gain():
         assert torch.equal(a, b)
     mid = [int(c[0, 30:-30].mode().values) for c in plain]  # away from the clip edges
     assert len(set(mid)) == 4, mid  # bright/dull x 220/330 Hz: four codes
+
+
+def test_pretrain_learning_runs_the_recipe_objective_with_an_mfcc_target(tmp_path):
+    """bench/pretrain_learning.py end to end on a tiny corpus: --preset picks the student,
+    --mfcc-target turns on ObjectiveConfig.mfcc_weight (its loss is logged), and the probes of the
+    random and trained students are written, with the single-note family probes when the pitch
+    rows name their instrument family."""
+    import json
+
+    bench = _load("pretrain_learning")
+    rng = np.random.default_rng(0)
+    sr, rows = 24000, {"pitch": [], "instrument": []}
+    (tmp_path / "audio").mkdir()
+    for i in range(24):
+        fam, midi = ("bright", "dull")[i % 2], 57 + (i // 2) % 4
+        t = np.arange(sr * 3 // 2) / sr
+        harmonics = range(1, 9) if fam == "bright" else (1,)
+        wav = sum(np.sin(2 * np.pi * 440 * 2 ** ((midi - 69) / 12) * h * t) / h for h in harmonics)
+        rel = f"audio/c{i:02d}.wav"
+        sf.write(tmp_path / rel, 0.3 * wav / np.abs(wav).max() + 0.003 * rng.standard_normal(len(t)), sr)
+        split = "test" if i >= 16 else "train"
+        rows["pitch"].append(f"{rel},{midi},{split},{fam}")
+        rows["instrument"].append(f"{rel},{fam},{split},")
+    (tmp_path / "pitch.csv").write_text("path,label,split,timbre\n" + "\n".join(rows["pitch"]) + "\n")
+    (tmp_path / "instrument.csv").write_text("path,label,split,piece\n" + "\n".join(rows["instrument"]) + "\n")
+    out = tmp_path / "run.json"
+    assert bench.main(["--corpus", str(tmp_path), "--preset", "mert-small", "--updates", "4", "--warmup", "1",
+                       "--clusters", "4", "--code-spectrum", "linear", "--mfcc-target", "3", "--crop", "1.0",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["student"]["hidden_size"] == 256  # mert-small, not the default mert-tiny (128)
+    assert len(result["log"]) == 4 and all(r["mfcc_mse"] > 0 for r in result["log"])
+    for probes in (result["random_init"], result["probes"]["4"]):
+        assert {"pitch", "instrument", "pitch-seen", "family-notes", "family-notes-seen"} <= set(probes)
+        assert len(probes["pitch"]["layers"]) == 5  # 4 layers + the input of the first
