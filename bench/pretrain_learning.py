@@ -251,7 +251,7 @@ def main(argv=None):
         results["log"].append({k: float(v) for k, v in out.terms.items() if not k[-1].isdigit()})
         if step % 100 == 0 or step == args.updates:
             recent = results["log"][-100:]
-            means = {k: np.mean([r[k] for r in recent]) for k in ("loss", "acoustic_ce", "acoustic_acc", "cqt_mse", "mfcc_mse", "unmasked_acoustic_acc")
+            means = {k: np.mean([r[k] for r in recent]) for k in ("loss", "acoustic_ce", "acoustic_acc", "cqt_mse", "level_mse", "mfcc_mse", "unmasked_acoustic_acc")
                      if k in recent[-1]}
             print(f"update {step} ({time.perf_counter() - t0:.0f} s) " + " ".join(f"{k} {v:.4g}" for k, v in means.items()),
                   flush=True)

@@ -50,6 +50,7 @@ def _done(t0: float):
 
 
 DEMO_PRESET = "mert-small"  # the student (--recipe-arg=--preset=mert-tiny: the yaml's own, ~2x faster)
+CURVE_POINTS = 6  # snapshots in the learning curve: the default run has 6 epochs; longer runs are thinned
 
 # The demo's corpus is shaped for a paired comparison over test *pieces* (mert_plugin.probe.compare):
 # 12 pieces per composer, split 7/2/3, cut at 20 s, give 15 test pieces (3 per composer) from as
@@ -310,13 +311,15 @@ def verdict(report, valid_stats: dict, heldout: Optional[dict] = None) -> bool:
 
 
 def learning_curve(corpus: Path, out: Path, recipe_seed: int, extra=()):
-    """Cheap logistic probes of the recipe's per-epoch snapshots (and the random init at 0 updates)."""
+    """Cheap logistic probes of the random init (0 updates) and of at most ``CURVE_POINTS`` of the
+    recipe's per-epoch snapshots, evenly spread (each costs a feature extraction of the corpus)."""
     from mert_plugin import MERTModel
     from mert_plugin.atomic import atomic_write_json
     from mert_plugin.probe.curve import learning_curve as curve_of, plot_learning_curve, snapshots
 
     models = [(0, initial_student(out / "pretrain" / "export", recipe_seed, extra))]
-    models += [(u, MERTModel.from_pretrained(path)) for u, path in snapshots(out / "pretrain" / "snapshots")]
+    models += [(u, MERTModel.from_pretrained(path))
+               for u, path in snapshots(out / "pretrain" / "snapshots", at_most=CURVE_POINTS)]
     tasks = [t for t in MUST_WIN if (corpus / f"{t}.csv").is_file()]
     curve = curve_of(models, corpus, tasks)
     atomic_write_json(out / "probe" / "learning_curve.json", curve)

@@ -273,3 +273,8 @@ def test_curve_pools_each_clip_as_alone_and_lists_snapshots_in_order(tmp_path):
         (tmp_path / "snaps" / f"epoch_{epoch:03d}").mkdir(parents=True)
         (tmp_path / "snaps" / f"epoch_{epoch:03d}" / "snapshot.json").write_text(json.dumps({"updates": updates}))
     assert [u for u, _ in snapshots(tmp_path / "snaps")] == [20, 40, 200]
+    for epoch in range(3, 10):
+        (tmp_path / "snaps" / f"epoch_{epoch:03d}").mkdir()
+        (tmp_path / "snaps" / f"epoch_{epoch:03d}" / "snapshot.json").write_text(json.dumps({"updates": 20 * epoch}))
+    assert [u for u, _ in snapshots(tmp_path / "snaps", at_most=4)] == [40, 100, 140, 200]  # 10 -> 4, the last kept
+    assert [u for u, _ in snapshots(tmp_path / "snaps", at_most=20)] == [20 * e for e in range(1, 11)]

@@ -130,11 +130,17 @@ def plot_learning_curve(curve: Dict, path) -> Path:
     return path
 
 
-def snapshots(folder) -> List[Tuple[int, str]]:
-    """``(updates, path)`` of the recipe's per-epoch snapshots (``epoch_NNN/snapshot.json``), in order."""
+def snapshots(folder, at_most: int = 0) -> List[Tuple[int, str]]:
+    """``(updates, path)`` of the recipe's per-epoch snapshots (``epoch_NNN/snapshot.json``), in order.
+
+    ``at_most`` > 0 keeps that many, evenly spread and always the last, so a longer run does not
+    make its learning curve (one feature extraction of the corpus per snapshot) longer too."""
     import json
 
     found = []
     for snap in sorted(Path(folder).glob("epoch_*/snapshot.json")):
         found.append((int(json.loads(snap.read_text())["updates"]), str(snap.parent)))
+    found.sort()
+    if 0 < at_most < len(found):
+        found = [found[(i + 1) * len(found) // at_most - 1] for i in range(at_most)]
     return found
