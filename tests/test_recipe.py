@@ -587,6 +587,29 @@ def test_torchrun_few_long_files_fewer_batches_than_processes_then_resume(traine
 
 
 @pytest.mark.slow
+def test_mfcc_target_trains_under_torchrun_and_its_statistics_resume(trained, tmp_path):
+    """``--mfcc_weight``: the MFCC head trains in a two-process gloo run, its loss is logged, and its
+    running statistics are checkpointed with the heads and keep counting after a resume."""
+    ref_out, _ = trained
+    data, out = str(tmp_path / "tracks"), str(tmp_path / "ddp")
+    _write_tracks(data, 3, 12.0)
+    args = _recipe_args(data, out, "--distributed_backend=gloo", "--mfcc_weight=1",
+                        f"--teacher_state={ref_out}/teacher_state.safetensors")
+    counts = []
+    for epochs in (1, 2):
+        _run(_torchrun(2) + args + [f"--number_of_epochs={epochs}"])
+        heads = torch.load(os.path.join(_latest_complete_checkpoint(os.path.join(out, "save")), "heads.ckpt"),
+                           weights_only=True)
+        counts.append(float(heads["mfcc_count"]))
+        assert heads["mfcc_head.weight"].shape == (19, 128) and bool((heads["mfcc_m2"] > 0).all())
+    # one 2 s crop per process and update: 149 frames each time (every process keeps rank 0's statistics)
+    assert counts[0] >= 149 and counts[1] > counts[0]
+    with open(os.path.join(out, "train_log.txt"), encoding="utf-8") as f:
+        lines = f.read().strip().splitlines()
+    assert len(lines) == 2 and all("train mfcc_mse" in line and "valid mfcc_mse" in line for line in lines)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("files,world", [(2, 3), (3, 2)])
 def test_torchrun_uneven_batches(trained, tmp_path, files, world):
     """One clip per batch (max_batch_length = the tiny crop, 2 s), no validation split:
