@@ -50,6 +50,9 @@ def _done(t0: float):
 
 
 DEMO_PRESET = "mert-small"  # the student (--recipe-arg=--preset=mert-tiny: the yaml's own, ~2x faster)
+# the MFCC regression target (mert_tiny.yaml's mfcc_weight, 0 there): the features keep the timbre that
+# the pitch codes teach them to drop (docs/LEARNING.md 7.7); --recipe-arg=--mfcc_weight=0 turns it off
+DEMO_MFCC_WEIGHT = 3.0
 CURVE_POINTS = 6  # snapshots in the learning curve: the default run has 6 epochs; longer runs are thinned
 
 # The demo's corpus is shaped for a paired comparison over test *pieces* (mert_plugin.probe.compare):
@@ -113,7 +116,7 @@ def recipe_command(data: Path, out: Path, epochs: int, seed: int, teacher: str, 
             "max_train_files": 0, "max_valid_files": 0, "device": "cpu",
             "total_updates": 0,  # the learning rate decays to zero at the end of the last epoch
             "snapshot_folder": out / "pretrain" / "snapshots",  # for the learning curve
-            "acoustic_teacher": teacher, "preset": DEMO_PRESET}
+            "acoustic_teacher": teacher, "preset": DEMO_PRESET, "mfcc_weight": DEMO_MFCC_WEIGHT}
     if teacher == "fitted":  # the EnCodec-shaped teacher: 8 codebooks x 1024 codes
         args.update(teacher_codebooks=8, teacher_clusters=1024)
     overrides, flags = parse_recipe_args(extra)
@@ -387,6 +390,7 @@ def main(argv=None) -> int:
     problem = claim_output_folder(out, {"pieces": args.pieces, "epochs": args.epochs, "seed": args.seed,
                                         "acoustic_teacher": args.acoustic_teacher, "quick": args.quick,
                                         "student": preset,
+                                        "mfcc_weight": overrides.get("mfcc_weight", DEMO_MFCC_WEIGHT),
                                         "corpus": {k: list(v) if isinstance(v, tuple) else v
                                                    for k, v in DEMO_CORPUS.items()},
                                         "recipe_args": {"overrides": overrides, "flags": sorted(flags)}})

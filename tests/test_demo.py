@@ -65,6 +65,9 @@ def test_recipe_args_replace_the_demos_own_values(tmp_path):
     assert "--preset=mert-small" in cmd                                      # the demo's student
     tiny = recipe_command(tmp_path, tmp_path, 5, 1234, "cqt-kmeans", ["--preset=mert-tiny"])
     assert [a for a in tiny if a.startswith("--preset=")] == ["--preset=mert-tiny"]
+    assert "--mfcc_weight=3.0" in cmd                                        # the demo's timbre target
+    off = recipe_command(tmp_path, tmp_path, 5, 1234, "cqt-kmeans", ["--mfcc_weight=0"])
+    assert [a for a in off if a.startswith("--mfcc_weight=")] == ["--mfcc_weight=0"]
 
 
 def test_bad_recipe_arg_is_a_usage_error(tmp_path):
