@@ -99,12 +99,12 @@ def clip_cqts(corpus: Path, paths, cqt: CQTTeacher):
     return [cache[p].float() for p in paths]
 
 
-def mfcc_codes(audio, frames, clusters: int, seed: int, n_mfcc: int = 20, silence_db: float = 50.0):
-    """Timbre codes: k-means over each frame's MFCCs 1..n_mfcc-1 (c0, the frame's level, left out;
+def mfcc_codes(audio, frames, clusters: int, seed: int, silence_db: float = 50.0):
+    """Timbre codes: k-means over each frame's MFCCs 1..19 (c0, the frame's level, left out;
     a gain changes only c0), 24 kHz, hop 320 (the student's grid), frames more than ``silence_db``
     below the clip's loudest frame set to zero. ``frames``: each clip's CQT frame count.
     Returns one [1, T] code tensor per clip."""
-    return kmeans_codes(mfcc_frames(audio, frames, n_mfcc, silence_db), clusters, seed)
+    return kmeans_codes(mfcc_frames(audio, frames, silence_db), clusters, seed)
 
 
 def joint_codes(audio, cqts, clusters: int, seed: int, teacher: CQTKMeansTeacher):
@@ -127,12 +127,12 @@ def kmeans_codes(feats, clusters: int, seed: int):
     return [nearest(x, centroids)[None] for x in feats]
 
 
-def mfcc_frames(audio, frames, n_mfcc: int = 20, silence_db: float = 50.0):
-    """Each clip's MFCCs 1..n_mfcc-1 on the student's frame grid [T, n_mfcc - 1] (see :func:`mfcc_codes`)."""
+def mfcc_frames(audio, frames, silence_db: float = 50.0):
+    """Each clip's MFCCs 1..19 on the student's frame grid [T, 19] (the recipe's ``MFCCTarget``, whole
+    clips; the last frame repeated where the clip gives fewer than T)."""
     from mert_plugin.teachers import MFCCTarget
 
     target = MFCCTarget(silence_db=silence_db)
-    assert n_mfcc == target.n_mfcc, "MFCCTarget computes MFCCs 1-19"
     feats = []
     for wav, t in zip(audio, frames):
         m = target(wav[None])[0][:t]  # [T, 19]
