@@ -62,6 +62,11 @@ def parse_args(argv=None):
                          "last layer, at this weight (ObjectiveConfig.mfcc_weight; LEARNING.md 7.6-7.7)")
     ap.add_argument("--level-weight", type=float, default=0.0,
                     help="> 0: also regress each masked frame's level within its crop (ObjectiveConfig.level_weight)")
+    ap.add_argument("--envelope-weight", type=float, default=0.0,
+                    help="> 0: also regress 8 statistics of each crop's level curve from the time-averaged last "
+                         "layer (ObjectiveConfig.envelope_weight)")
+    ap.add_argument("--envelope-dims", type=int, default=0,
+                    help="the envelope head reads this many leading dimensions (0: all; ObjectiveConfig.envelope_dims)")
     ap.add_argument("--cqt-target", choices=["linear", "linear-frame", "db", "db-frame", "none"], default="db-frame")
     ap.add_argument("--feature-penalty", type=float, default=0.0, help="MERT: 10")
     ap.add_argument("--feature-grad-mult", type=float, default=1.0, help="MERT 95M: 0.1; 0 freezes the stem")
@@ -223,6 +228,7 @@ def main(argv=None):
                              pred_nomask_weight=args.pred_nomask,
                              codebook_weights=tuple(args.codebook_weights) if args.codebook_weights else None,
                              level_weight=args.level_weight, mfcc_weight=args.mfcc_target,
+                             envelope_weight=args.envelope_weight, envelope_dims=args.envelope_dims,
                              mixture_prob=args.mixture,
                              mask_prob=args.mask_prob)
     trainer = MERTPretrainer(student, config).train()
@@ -251,7 +257,7 @@ def main(argv=None):
         results["log"].append({k: float(v) for k, v in out.terms.items() if not k[-1].isdigit()})
         if step % 100 == 0 or step == args.updates:
             recent = results["log"][-100:]
-            means = {k: np.mean([r[k] for r in recent]) for k in ("loss", "acoustic_ce", "acoustic_acc", "cqt_mse", "level_mse", "mfcc_mse", "unmasked_acoustic_acc")
+            means = {k: np.mean([r[k] for r in recent]) for k in ("loss", "acoustic_ce", "acoustic_acc", "cqt_mse", "level_mse", "mfcc_mse", "envelope_mse", "unmasked_acoustic_acc")
                      if k in recent[-1]}
             print(f"update {step} ({time.perf_counter() - t0:.0f} s) " + " ".join(f"{k} {v:.4g}" for k, v in means.items()),
                   flush=True)

@@ -8,7 +8,8 @@ teacher labels::
     mask  = span mask over the student's frames     (mask_prob 0.8, span 5, >= 2 spans)
     h     = student(noisy, masked frames -> learned mask embedding).last_hidden_state
     loss  = sum_k CE_k  +  cqt_weight * MSE_cqt  +  feature_penalty_weight * mean(conv_features^2)
-            (+ level_weight * MSE_level + mfcc_weight * MSE_mfcc: small-scale extras, off by default)
+            (+ level_weight * MSE_level + mfcc_weight * MSE_mfcc + envelope_weight * MSE_envelope:
+               small-scale extras, off by default)
 
 CE_k and MSE are means over the masked (non-padded) frames; CE_k is a softmax
 cross-entropy whose logits are the cosine similarities between the untied
@@ -40,6 +41,7 @@ from .model import MERTModel, conv_output_lengths
 
 LABEL_SLACK = 2  # frames a label sequence may differ from the student's T (see module docstring)
 CQT_TARGETS = ("linear", "linear-frame", "db", "db-frame")  # see MERTPretrainer.cqt_target
+ENVELOPE_STATS = 8  # see MERTPretrainer.envelope_target
 
 
 @dataclass
@@ -76,6 +78,11 @@ class ObjectiveConfig:
     # > 0: also regress each masked frame's MFCCs 1-19 of the clean audio (a continuous timbre target,
     # teachers.MFCCTarget), standardised with running training statistics, from a linear head.
     mfcc_weight: float = 0.0
+    # > 0: also regress 8 statistics of each crop's level curve (MERTPretrainer.envelope_target) from the
+    # time-averaged last hidden state (its first ``envelope_dims`` dimensions; 0 = all), with this weight.
+    # A clip-level target: the level target above is per frame and does not survive mean pooling. Needs use_cqt.
+    envelope_weight: float = 0.0
+    envelope_dims: int = 0
     # Extras (not in the shared contract; off by default).
     attention_relax: float = 0.0  # > 0: PB-relax attention in the student (fp16 overflow guard), e.g. 32
 
@@ -118,6 +125,11 @@ class ObjectiveConfig:
                             f"got {self.level_weight}")
         if self.mfcc_weight < 0:
             problems.append(f"mfcc_weight must be >= 0, got {self.mfcc_weight}")
+        if self.envelope_weight < 0 or (self.envelope_weight > 0 and not self.use_cqt):
+            problems.append(f"envelope_weight must be >= 0 and needs use_cqt (the level is read from the CQT), "
+                            f"got {self.envelope_weight}")
+        if self.envelope_dims < 0:
+            problems.append(f"envelope_dims must be >= 0 (0 = the whole hidden state), got {self.envelope_dims}")
         if self.cqt_target not in CQT_TARGETS:
             problems.append(f"cqt_target must be one of {', '.join(CQT_TARGETS)}, got {self.cqt_target!r}")
         if self.pred_nomask_weight < 0:
@@ -194,6 +206,10 @@ class MERTPretrainer(nn.Module):
                                            config.logit_temp) if config.use_acoustic else None)
         self.cqt_head = nn.Linear(d, config.cqt_bins) if config.use_cqt else None
         self.level_head = nn.Linear(d, 1) if config.level_weight > 0 else None
+        if config.envelope_dims > d:
+            raise ConfigError(f"envelope_dims ({config.envelope_dims}) exceeds the student's hidden size ({d})")
+        self.envelope_head = (nn.Linear(config.envelope_dims or d, ENVELOPE_STATS)
+                              if config.envelope_weight > 0 else None)
         self.mfcc_head = self.mfcc_teacher = None
         if config.mfcc_weight > 0:
             from .teachers import MFCCTarget
@@ -280,6 +296,10 @@ class MERTPretrainer(nn.Module):
         predicted, predicted_terms = self._prediction_loss(out.last_hidden_state, loss_mask, codes, regressions)
         loss = loss + predicted
         terms.update(predicted_terms)
+        if self.envelope_head is not None:
+            envelope_mse = self._envelope_loss(out.last_hidden_state, cqt[:, :frames].float(), frame_valid)
+            loss = loss + c.envelope_weight * envelope_mse
+            terms["envelope_mse"] = envelope_mse.detach()
         if c.pred_nomask_weight > 0:  # fairseq HuBERT's pred_nomask_weight: also predict the visible frames
             visible = frame_valid & ~mask
             visible[:, label_frames:] = False
@@ -319,6 +339,37 @@ class MERTPretrainer(nn.Module):
         frame_peak = cqt.amax(dim=2)
         clip_peak = frame_peak.amax(dim=1, keepdim=True).clamp(min=1e-8)
         return (20.0 * torch.log10(frame_peak / clip_peak + 10 ** (-floor_db / 20)) / floor_db + 1.0).clamp(min=0.0)
+
+    @staticmethod
+    def envelope_target(level: Tensor, valid: Tensor, near_peak: float = 0.2) -> Tensor:
+        """Level curves [B, T] (:meth:`level_target`) and their valid frames [B, T] bool -> 8
+        statistics per crop [B, 8]: mean, std, 10/50/90 % quantiles, mean rise and mean fall between
+        successive frames, share of frames within ``near_peak`` of the crop's loudest. All in [0, 1]:
+        how a crop's level moves (a plucked note decays, a bowed one holds), whatever its gain."""
+        rows = []
+        for curve, keep in zip(level.float(), valid):
+            x = curve[keep[: curve.shape[0]]]
+            if x.numel() == 0:
+                rows.append(level.new_zeros(ENVELOPE_STATS))
+                continue
+            step = x.diff() if x.numel() > 1 else x.new_zeros(1)
+            q = torch.quantile(x, x.new_tensor([0.1, 0.5, 0.9]))
+            rows.append(torch.stack([x.mean(), x.std(unbiased=False), *q, step.clamp(min=0).mean(),
+                                     (-step).clamp(min=0).mean(), (x >= x.max() - near_peak).float().mean()]))
+        return torch.stack(rows)
+
+    def _envelope_loss(self, hidden: Tensor, cqt: Tensor, frame_valid: Tensor) -> Tensor:
+        """MSE of the envelope head on the time-averaged ``hidden`` [B, T, D] (valid frames up to the
+        CQT's length) against :meth:`envelope_target` of ``cqt`` [B, T', bins]."""
+        frames = min(hidden.shape[1], cqt.shape[1])
+        valid = frame_valid[:, :frames]
+        with torch.no_grad():
+            target = self.envelope_target(self.level_target(cqt[:, :frames]), valid)
+        weights = valid.to(hidden.dtype)[..., None]
+        pooled = (hidden[:, :frames] * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, D]
+        if self.config.envelope_dims:
+            pooled = pooled[:, : self.config.envelope_dims]
+        return F.mse_loss(self.envelope_head(pooled).float(), target)
 
     @torch.no_grad()
     def standardized_mfcc(self, wav: Tensor, frame_valid: Tensor) -> Tensor:

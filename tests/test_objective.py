@@ -432,6 +432,67 @@ def test_level_weight_adds_a_level_head_and_its_loss():
             ObjectiveConfig(**bad).validate()
 
 
+def test_envelope_target_summarises_each_crops_level_curve_over_its_valid_frames():
+    import numpy as np
+
+    curves = torch.tensor([[1.0, 0.9, 0.5, 0.2, 0.1, 0.0],     # a decaying (plucked) note
+                           [0.2, 0.9, 1.0, 0.95, 0.9, 0.7]])   # a swell that holds; the last frame is padding
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 5] = False
+    stats = MERTPretrainer.envelope_target(curves, valid)
+    assert stats.shape == (2, 8)
+    for row, curve, keep in zip(stats, curves.numpy(), valid.numpy()):
+        x = curve[keep]
+        step = np.diff(x)
+        expected = [x.mean(), x.std(), *np.quantile(x, [0.1, 0.5, 0.9]), np.clip(step, 0, None).mean(),
+                    np.clip(-step, 0, None).mean(), (x >= x.max() - 0.2).mean()]
+        np.testing.assert_allclose(row.numpy(), expected, atol=1e-6)
+    assert float(stats[0, 6]) > float(stats[1, 6]) and float(stats[1, 7]) > float(stats[0, 7])  # decays vs holds
+    # from the CQT, through level_target: gain-free
+    cqt = torch.rand(2, 20, 336) + 0.01
+    cqt[:, 10:] *= torch.linspace(1.0, 0.01, 10)[None, :, None]
+    full = torch.ones(2, 20, dtype=torch.bool)
+    torch.testing.assert_close(MERTPretrainer.envelope_target(MERTPretrainer.level_target(cqt * 30.0), full),
+                               MERTPretrainer.envelope_target(MERTPretrainer.level_target(cqt), full))
+
+
+@pytest.mark.parametrize("dims", [0, 16])
+def test_envelope_weight_adds_a_head_on_the_time_averaged_last_layer(dims):
+    wav = torch.randn(2, 16000) * 0.1
+    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
+    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336) + 0.01
+    cqt[0, t // 2:] *= 0.05
+    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for w in (0.0, 4.0):
+        trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0),
+                                 ObjectiveConfig(envelope_weight=w, envelope_dims=dims, mixture_prob=0.0,
+                                                 cqt_target="db-frame")).eval()
+        assert (trainer.envelope_head is None) == (w == 0)
+        outs[w] = (trainer, trainer(wav, codes, cqt, mask=mask).terms)
+    plain, (trainer, with_envelope) = outs[0.0][1], outs[4.0]
+    assert "envelope_mse" not in plain
+    assert float(with_envelope["loss"]) == pytest.approx(float(plain["loss"] + 4.0 * with_envelope["envelope_mse"]),
+                                                         rel=1e-5)
+    assert trainer.envelope_head.in_features == (dims or trainer.student.config.hidden_size)
+    with torch.no_grad():
+        pooled = trainer.student(wav, mask_time_indices=mask).last_hidden_state.mean(1)
+        pred = trainer.envelope_head(pooled[:, : dims or None])
+        target = MERTPretrainer.envelope_target(MERTPretrainer.level_target(cqt), torch.ones(2, t, dtype=torch.bool))
+    assert float(with_envelope["envelope_mse"]) == pytest.approx(float(F.mse_loss(pred, target)), rel=1e-5)
+    # only the head's dimensions of the last hidden state receive the envelope's gradient
+    if dims:
+        trainer.zero_grad()
+        hidden = trainer.student(wav, mask_time_indices=mask).last_hidden_state.detach().requires_grad_()
+        trainer._envelope_loss(hidden, cqt, torch.ones(2, t, dtype=torch.bool)).backward()
+        assert float(hidden.grad[..., :dims].abs().sum()) > 0 and float(hidden.grad[..., dims:].abs().sum()) == 0
+    for bad in (dict(envelope_weight=-1.0), dict(envelope_weight=1.0, use_cqt=False), dict(envelope_dims=-2)):
+        with pytest.raises(ConfigError, match="envelope"):
+            ObjectiveConfig(**bad).validate()
+    with pytest.raises(ConfigError, match="envelope_dims"):
+        MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), ObjectiveConfig(envelope_weight=1.0, envelope_dims=4096))
+
+
 def test_mfcc_weight_adds_a_head_on_running_standardised_mfccs_of_the_clean_audio():
     from mert_plugin.teachers import MFCCTarget
     from test_teachers import synth_music

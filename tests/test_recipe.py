@@ -757,7 +757,8 @@ def test_tiny_yaml_objective_knobs_are_command_line_overrides(tmp_path):
     from hyperpyyaml import load_hyperpyyaml
 
     knobs = {"mask_prob": 0.3, "mixture_prob": 0.0, "mixture_min_samples": 4800,
-             "mixture_max_samples": 9600, "level_weight": 2.0, "mfcc_weight": 3.0}
+             "mixture_max_samples": 9600, "level_weight": 2.0, "mfcc_weight": 3.0,
+             "envelope_weight": 3.0, "envelope_dims": 16}
     path = os.path.join(RECIPE, "hparams", "mert_tiny.yaml")
     with open(path, encoding="utf-8") as f:
         default = load_hyperpyyaml(f, {"data_folder": str(tmp_path), "output_folder": str(tmp_path / "a")})

@@ -140,7 +140,8 @@ class MERTBrain(sb.Brain):
         last = getattr(self, "interval_terms", {})
         for name, total in self.term_sums.items():  # the epoch's running sums: differences since the last line
             n = self.term_batches - last.get("#batches", 0)
-            if n > 0 and name in ("acoustic_ce", "acoustic_acc", "cqt_mse", "level_mse", "mfcc_mse", "feature_penalty"):
+            if n > 0 and name in ("acoustic_ce", "acoustic_acc", "cqt_mse", "level_mse", "mfcc_mse",
+                                  "envelope_mse", "feature_penalty"):
                 stats[name] = (total - last.get(name, 0.0)) / n
         meta = {"epoch": self.hparams.epoch_counter.current, "updates": self.optimizer_step,
                 "lr": self.optimizer.param_groups[0]["lr"], "batches": seen}
