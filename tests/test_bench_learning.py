@@ -158,7 +158,8 @@ def test_joint_codes_name_pitch_and_timbre_and_ignore_gain():
 
 def test_pretrain_learning_runs_the_recipe_objective_with_an_mfcc_target(tmp_path):
     """bench/pretrain_learning.py end to end on a tiny corpus: --preset picks the student,
-    --mfcc-target turns on ObjectiveConfig.mfcc_weight (its loss is logged), and the probes of the
+    --mfcc-target and --envelope-weight turn on ObjectiveConfig.mfcc_weight and envelope_weight
+    (their losses are logged), and the probes of the
     random and trained students are written, with the single-note family probes when the pitch
     rows name their instrument family."""
     import json
@@ -182,10 +183,11 @@ def test_pretrain_learning_runs_the_recipe_objective_with_an_mfcc_target(tmp_pat
     out = tmp_path / "run.json"
     assert bench.main(["--corpus", str(tmp_path), "--preset", "mert-small", "--updates", "4", "--warmup", "1",
                        "--clusters", "4", "--code-spectrum", "linear", "--mfcc-target", "3", "--crop", "1.0",
-                       "--out", str(out)]) == 0
+                       "--envelope-weight", "2", "--envelope-dims", "8", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["student"]["hidden_size"] == 256  # mert-small, not the default mert-tiny (128)
-    assert len(result["log"]) == 4 and all(r["mfcc_mse"] > 0 for r in result["log"])
+    assert len(result["log"]) == 4 and all(r["mfcc_mse"] > 0 and r["envelope_mse"] > 0 for r in result["log"])
+    assert result["settings"]["envelope_weight"] == 2.0 and result["settings"]["envelope_dims"] == 8
     for probes in (result["random_init"], result["probes"]["4"]):
         assert {"pitch", "instrument", "pitch-seen", "family-notes", "family-notes-seen"} <= set(probes)
         assert len(probes["pitch"]["layers"]) == 5  # 4 layers + the input of the first
