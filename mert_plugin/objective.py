@@ -288,8 +288,11 @@ class MERTPretrainer(nn.Module):
         regressions = {}  # name -> [B, T, dims] target of the head `<name>_head`, weighted by `<name>_weight`
         if c.use_cqt:
             regressions["cqt"] = self.cqt_target(cqt[:, :frames].float())
+        # each frame's level in its crop: the level head's target and the envelope head's curve
+        level = (self.level_target(cqt[:, :frames].float())
+                 if self.level_head is not None or self.envelope_head is not None else None)
         if self.level_head is not None:
-            regressions["level"] = self.level_target(cqt[:, :frames].float())[..., None]
+            regressions["level"] = level[..., None]
         if self.mfcc_head is not None:
             regressions["mfcc"] = self.standardized_mfcc(wav, frame_valid)
         codes = codes[:, :, :frames] if c.use_acoustic else None
@@ -297,7 +300,7 @@ class MERTPretrainer(nn.Module):
         loss = loss + predicted
         terms.update(predicted_terms)
         if self.envelope_head is not None:
-            envelope_mse = self._envelope_loss(out.last_hidden_state, cqt[:, :frames].float(), frame_valid)
+            envelope_mse = self._envelope_loss(out.last_hidden_state, level, frame_valid)
             loss = loss + c.envelope_weight * envelope_mse
             terms["envelope_mse"] = envelope_mse.detach()
         if c.pred_nomask_weight > 0:  # fairseq HuBERT's pred_nomask_weight: also predict the visible frames
@@ -358,13 +361,13 @@ class MERTPretrainer(nn.Module):
                                      (-step).clamp(min=0).mean(), (x >= x.max() - near_peak).float().mean()]))
         return torch.stack(rows)
 
-    def _envelope_loss(self, hidden: Tensor, cqt: Tensor, frame_valid: Tensor) -> Tensor:
+    def _envelope_loss(self, hidden: Tensor, level: Tensor, frame_valid: Tensor) -> Tensor:
         """MSE of the envelope head on the time-averaged ``hidden`` [B, T, D] (valid frames up to the
-        CQT's length) against :meth:`envelope_target` of ``cqt`` [B, T', bins]."""
-        frames = min(hidden.shape[1], cqt.shape[1])
+        level curve's length) against :meth:`envelope_target` of ``level`` [B, T'] (:meth:`level_target`)."""
+        frames = min(hidden.shape[1], level.shape[1])
         valid = frame_valid[:, :frames]
         with torch.no_grad():
-            target = self.envelope_target(self.level_target(cqt[:, :frames]), valid)
+            target = self.envelope_target(level[:, :frames], valid)
         weights = valid.to(hidden.dtype)[..., None]
         pooled = (hidden[:, :frames] * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, D]
         if self.config.envelope_dims:

@@ -484,13 +484,32 @@ def test_envelope_weight_adds_a_head_on_the_time_averaged_last_layer(dims):
     if dims:
         trainer.zero_grad()
         hidden = trainer.student(wav, mask_time_indices=mask).last_hidden_state.detach().requires_grad_()
-        trainer._envelope_loss(hidden, cqt, torch.ones(2, t, dtype=torch.bool)).backward()
+        level = MERTPretrainer.level_target(cqt)
+        trainer._envelope_loss(hidden, level, torch.ones(2, t, dtype=torch.bool)).backward()
         assert float(hidden.grad[..., :dims].abs().sum()) > 0 and float(hidden.grad[..., dims:].abs().sum()) == 0
     for bad in (dict(envelope_weight=-1.0), dict(envelope_weight=1.0, use_cqt=False), dict(envelope_dims=-2)):
         with pytest.raises(ConfigError, match="envelope"):
             ObjectiveConfig(**bad).validate()
     with pytest.raises(ConfigError, match="envelope_dims"):
         MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0), ObjectiveConfig(envelope_weight=1.0, envelope_dims=4096))
+
+
+def test_level_and_envelope_heads_together_add_both_terms():
+    wav = torch.randn(2, 16000) * 0.1
+    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
+    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336) + 0.01
+    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    terms = {}
+    for weights in ((0.0, 0.0), (2.0, 0.0), (0.0, 4.0), (2.0, 4.0)):
+        torch.manual_seed(0)  # the same heads whichever of them exist
+        trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0),
+                                 ObjectiveConfig(level_weight=weights[0], envelope_weight=weights[1],
+                                                 mixture_prob=0.0, cqt_target="db-frame")).eval()
+        terms[weights] = trainer(wav, codes, cqt, mask=mask).terms
+    both = terms[(2.0, 4.0)]
+    assert float(both["level_mse"]) == pytest.approx(float(terms[(2.0, 0.0)]["level_mse"]), rel=1e-5)
+    assert float(both["loss"]) == pytest.approx(
+        float(terms[(0.0, 0.0)]["loss"] + 2.0 * both["level_mse"] + 4.0 * both["envelope_mse"]), rel=1e-5)
 
 
 def test_mfcc_weight_adds_a_head_on_running_standardised_mfccs_of_the_clean_audio():
