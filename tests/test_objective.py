@@ -14,6 +14,16 @@ from mert_plugin.objective import MERTPretrainer, ObjectiveConfig
 from test_teachers import fitted_generator, synth_music  # noqa: F401  (session fixture)
 
 
+def one_second_batch(cqt_floor: float = 0.0):
+    """Two 16,000-sample noise clips with random codes [2, 8, T], CQT magnitudes [2, T, 336] (plus
+    ``cqt_floor``) and a fixed span mask [2, T] on mert-tiny's T frames: the heads' test batch."""
+    wav = torch.randn(2, 16000) * 0.1
+    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
+    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336) + cqt_floor
+    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    return wav, codes, cqt, mask
+
+
 # ---------------------------------------------------------------- masking
 def expected_masked_fraction(frames, mask_prob=0.8, span=5):
     """P(frame masked), averaged over frames: starts drawn without replacement from T - span positions."""
@@ -160,10 +170,7 @@ def test_linear_frame_target_is_each_frames_linear_shape():
 
 
 def test_pred_nomask_weight_adds_the_visible_frames_loss():
-    wav = torch.randn(2, 16000) * 0.1
-    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
-    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336)
-    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    wav, codes, cqt, mask = one_second_batch()
     outs = {}
     for w in (0.0, 0.5):
         trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0),
@@ -178,10 +185,7 @@ def test_pred_nomask_weight_adds_the_visible_frames_loss():
 
 
 def test_codebook_weights_scale_each_codebooks_cross_entropy():
-    wav = torch.randn(2, 16000) * 0.1
-    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
-    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336)
-    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    wav, codes, cqt, mask = one_second_batch()
     weights = (1.0, 0.25, 0.0, 2.0, 1.0, 1.0, 0.5, 1.0)
     outs = {}
     for w in (None, weights):
@@ -408,10 +412,7 @@ def test_level_target_is_each_frames_level_within_its_crop():
 
 
 def test_level_weight_adds_a_level_head_and_its_loss():
-    wav = torch.randn(2, 16000) * 0.1
-    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
-    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336) + 0.01
-    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    wav, codes, cqt, mask = one_second_batch(cqt_floor=0.01)
     outs = {}
     for w in (0.0, 2.0):
         trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0),
@@ -458,11 +459,9 @@ def test_envelope_target_summarises_each_crops_level_curve_over_its_valid_frames
 
 @pytest.mark.parametrize("dims", [0, 16])
 def test_envelope_weight_adds_a_head_on_the_time_averaged_last_layer(dims):
-    wav = torch.randn(2, 16000) * 0.1
-    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
-    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336) + 0.01
-    cqt[0, t // 2:] *= 0.05
-    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    wav, codes, cqt, mask = one_second_batch(cqt_floor=0.01)
+    t = mask.shape[1]
+    cqt[0, t // 2:] *= 0.05  # a quiet second half: a level curve that moves
     outs = {}
     for w in (0.0, 4.0):
         trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0),
@@ -495,13 +494,10 @@ def test_envelope_weight_adds_a_head_on_the_time_averaged_last_layer(dims):
 
 
 def test_level_and_envelope_heads_together_add_both_terms():
-    wav = torch.randn(2, 16000) * 0.1
-    t = MERTModel.from_preset("mert-tiny", seed=0).num_frames(16000)
-    codes, cqt = torch.randint(0, 1024, (2, 8, t)), torch.rand(2, t, 336) + 0.01
-    mask = compute_span_mask((2, t), 0.8, 5, 2, generator=torch.Generator().manual_seed(0))
+    wav, codes, cqt, mask = one_second_batch(cqt_floor=0.01)
     terms = {}
-    for weights in ((0.0, 0.0), (2.0, 0.0), (0.0, 4.0), (2.0, 4.0)):
-        torch.manual_seed(0)  # the same heads whichever of them exist
+    for weights in ((0.0, 0.0), (2.0, 0.0), (2.0, 4.0)):
+        torch.manual_seed(0)  # the same level head with or without the envelope head (built after it)
         trainer = MERTPretrainer(MERTModel.from_preset("mert-tiny", seed=0),
                                  ObjectiveConfig(level_weight=weights[0], envelope_weight=weights[1],
                                                  mixture_prob=0.0, cqt_target="db-frame")).eval()
