@@ -8,12 +8,13 @@ Every step uses the project's real entry points, offline, on 2 CPU cores:
    ``--preset=mert-small``, the yaml's student at twice the width: docs/LEARNING.md 7.6): fit the
    demo acoustic teacher, write offline labels, pretrain on the *training-split* clips only,
    export it;
-3. ``mert-export-onnx``: the pretrained model and the same model at its random
-   initialisation (same seed as the recipe), each behind the ONNX parity gate;
+3. ``mert-export-onnx``: the pretrained model, the same model at its random initialisation
+   (same seed as the recipe) and ``--random-inits - 1`` more random initialisations (the next
+   seeds), each behind the ONNX parity gate;
 4. ``OnnxPredictMERT`` on ``essentia.standard.MonoLoader`` audio: all layers, mean-pooled
    per clip;
 5. ``mert-probe``: MARBLE-style probes per layer and weighted sum, pretrained vs random
-   init vs a CQT baseline and a level-only baseline (loudness and envelope, no spectrum),
+   init (pooled over its draws: :func:`mert_plugin.probe.mlp.pool_draws`) vs a CQT baseline and a level-only baseline (loudness and envelope, no spectrum),
    3 seeds, paired comparisons over the test pieces; ``report.json``, ``report.md`` and plots;
    plus the instrument task with every GM program as the test instrument in turn
    (``probe/instrument_by_program.json``, printed under the probe table, not a criterion).
@@ -53,6 +54,8 @@ DEMO_PRESET = "mert-small"  # the student (--recipe-arg=--preset=mert-tiny: the 
 # the MFCC regression target (mert_tiny.yaml's mfcc_weight, 0 there): the features keep the timbre that
 # the pitch codes teach them to drop (docs/LEARNING.md 7.7); --recipe-arg=--mfcc_weight=0 turns it off
 DEMO_MFCC_WEIGHT = 3.0
+RANDOM_INITS = 3  # random-init draws the verdict compares with: one draw's instrument score moves by 0.17 with its
+                  # seed, more than the probe seeds' spread (docs/LEARNING.md 7.8, 7.9)
 CURVE_POINTS = 6  # snapshots in the learning curve: the default run has 6 epochs; longer runs are thinned
 
 # The demo's corpus is shaped for a paired comparison over test *pieces* (mert_plugin.probe.compare):
@@ -135,24 +138,45 @@ def pretrain(data: Path, out: Path, epochs: int, seed: int, teacher: str, extra=
     return out / "pretrain" / "export"
 
 
-def initial_student(model_dir: Path, recipe_seed: int, extra=()):
+def model_seed(recipe_seed: int, extra=()) -> int:
+    """The seed the recipe initialised its student with: ``--recipe-arg=--seed=N`` wins over the demo's."""
+    return int(parse_recipe_args(extra)[0].get("seed", recipe_seed))
+
+
+def random_init_seeds(first: int, count: int) -> list:
+    """The model seeds of the random-init draws: the recipe's own first, then the next ones."""
+    return [first + k for k in range(count)]
+
+
+def initial_student(model_dir: Path, recipe_seed: int, extra=(), seed: Optional[int] = None):
     """The recipe's student before its first update: the pretrained model's geometry (whatever
     ``preset`` the recipe ran) initialised with the recipe's seed (``--recipe-arg=--seed=N`` wins
-    over the demo's), as the yaml's ``MERTModel.from_preset(preset, seed)`` did."""
+    over the demo's), as the yaml's ``MERTModel.from_preset(preset, seed)`` did; ``seed`` draws
+    another initialisation of the same student."""
     from mert_plugin import MERTModel
 
-    seed = int(parse_recipe_args(extra)[0].get("seed", recipe_seed))
+    seed = model_seed(recipe_seed, extra) if seed is None else seed
     return MERTModel.from_config(MERTModel.from_pretrained(str(model_dir)).config, seed=seed)
 
 
-def export(model_dir: Path, recipe_seed: int, out: Path, extra=()):
-    """ONNX graphs of the pretrained model and of its own random initialisation."""
+def random_init_names(recipe_seed: int, extra=(), count: int = RANDOM_INITS) -> dict:
+    """``{feature-set name: model seed}`` of the random-init draws: ``random_init`` is the recipe's
+    own initialisation (the learning curve's starting point), ``random_init_seed<N>`` the others."""
+    seeds = random_init_seeds(model_seed(recipe_seed, extra), count)
+    return {("random_init" if k == 0 else f"random_init_seed{seed}"): seed for k, seed in enumerate(seeds)}
+
+
+def export(model_dir: Path, recipe_seed: int, out: Path, extra=(), random_inits: int = RANDOM_INITS):
+    """ONNX graphs of the pretrained model and of ``random_inits`` random initialisations of it
+    (:func:`random_init_names`)."""
     from extractors.export_onnx import export_onnx
     from mert_plugin import MERTModel
 
     graphs = {}
-    for name, make in (("pretrained", lambda: MERTModel.from_pretrained(str(model_dir))),
-                       ("random_init", lambda: initial_student(model_dir, recipe_seed, extra))):
+    makers = [("pretrained", lambda: MERTModel.from_pretrained(str(model_dir)))]
+    makers += [(name, lambda seed=seed: initial_student(model_dir, recipe_seed, extra, seed=seed))
+               for name, seed in random_init_names(recipe_seed, extra, random_inits).items()]
+    for name, make in makers:
         path = out / "onnx" / f"student_{name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists() or not path.with_suffix(".json").exists():
@@ -189,20 +213,25 @@ def extract(corpus: Path, graphs, out: Path):
 
 
 def probe(corpus: Path, features, train_log: Path, out: Path, tasks, seeds):
+    """Probe the pretrained features against the random-init draws, pooled as one feature set
+    ``random_init`` (its own initialisation first), and the CQT and level baselines."""
     from mert_plugin.probe import run_probe
 
-    return run_probe(out / "probe", corpus_dir=corpus, tasks=tasks, feature_sets={k: str(v) for k, v in features.items()},
+    draws = [str(v) for k, v in features.items() if k.startswith("random_init")]
+    sets = {"pretrained": str(features["pretrained"]), "random_init": draws}
+    return run_probe(out / "probe", corpus_dir=corpus, tasks=tasks, feature_sets=sets,
                      baselines=("cqt", "level"), seeds=seeds, train_log=str(train_log) if train_log.exists() else None)
 
 
 def instrument_by_program(corpus: Path, features, out: Path) -> Optional[dict]:
     """The instrument task with every GM program as the test instrument in turn
     (:mod:`mert_plugin.probe.heldout`), saved to ``probe/instrument_by_program.json``; None for a
-    corpus without programs."""
+    corpus without programs. Pretrained vs the recipe's own random init (one draw: a reading, not
+    a criterion)."""
     from mert_plugin.atomic import atomic_write_json
     from mert_plugin.probe.heldout import instrument_by_program as by_program
 
-    result = by_program(corpus, features)
+    result = by_program(corpus, {k: features[k] for k in ("pretrained", "random_init")})
     if result is not None:
         atomic_write_json(out / "probe" / "instrument_by_program.json", result)
     return result
@@ -224,12 +253,14 @@ def verdict_checks(report, valid_stats: dict) -> list:
     1. pretrained is *better* than its random init on pitch AND on instrument;
     2. it is *worse* on no task;
     3. its features are not collapsed: effective rank >= half the random init's at every layer
-       (every task's training clips);
+       (every task's training clips; the random init's mean over its draws);
     4. masked prediction beats the unigram baseline of the teacher's codes (validation split).
 
     Better / worse (:mod:`mert_plugin.probe.compare`): the score difference is beyond the summed
     seed spread of the two probes AND a paired bootstrap over the test pieces puts its 95 %
-    interval wholly above (below) 0. A report without these comparisons (made before they
+    interval wholly above (below) 0. With several random-init draws (``--random-inits``) the random
+    init's score is the mean over every draw and probe seed, and its spread holds the draws'
+    spread (:func:`mert_plugin.probe.mlp.pool_draws`). A report without these comparisons (made before they
     existed) fails criteria 1 and 2: nothing measured, nothing met.
     """
     from mert_plugin.probe.compare import BETTER, WORSE, describe
@@ -300,6 +331,11 @@ def verdict(report, valid_stats: dict, heldout: Optional[dict] = None) -> bool:
               f"{e['random_init']:.3f} ± {e['random_init_std']:.3f}   {e.get('cqt', float('nan')):.3f} ± "
               f"{e.get('cqt_std', float('nan')):.3f}   {e.get('level', float('nan')):.3f} ± "
               f"{e.get('level_std', float('nan')):.3f}   {describe(c) + ': ' + c['decision'] if c else 'n/a'}")
+    draws = {task: e["feature_sets"]["random_init"] for task, e in report["probe"].items()
+             if e.get("feature_sets", {}).get("random_init", {}).get("draws", 1) > 1}
+    if draws:
+        print(f"    random init = the mean over {next(iter(draws.values()))['draws']} draws (model seeds); each draw: "
+              + "; ".join(f"{task} " + ", ".join(f"{v:.3f}" for v in fs["draw_scores"]) for task, fs in draws.items()))
     if heldout:
         acc = heldout["accuracy"]
         print(f"\n    Instrument with every GM program as the test instrument in turn (logistic probes, all layers; "
@@ -372,6 +408,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recipe-arg", action="append", default=[], metavar="--KEY=VALUE",
                     help="extra argument for the recipe's train.py (repeatable), e.g. --recipe-arg=--lr=0.0001")
+    ap.add_argument("--random-inits", type=int, default=None, metavar="N",
+                    help=f"random initialisations (model seeds) the pretrained model is compared with, pooled "
+                         f"(default {RANDOM_INITS}; 2 with --quick; 1 = the recipe's own initialisation only)")
     ap.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     ap.add_argument("--quick", action="store_true",
                     help="a shortened smoke run (few pieces and notes, 1 epoch, 2 seeds): checks the pipeline, "
@@ -384,6 +423,9 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
+    if args.random_inits is not None and args.random_inits < 1:
+        ap.error(f"--random-inits must be at least 1, got {args.random_inits}")
+    random_inits = args.random_inits or (2 if args.quick else RANDOM_INITS)
     if args.quick:
         args.pieces, args.epochs = min(args.pieces, 6), 1
     preset = overrides.get("preset", DEMO_PRESET)
@@ -407,8 +449,8 @@ def main(argv=None) -> int:
     model_dir = pretrain(training_folder(corpus, out), out, args.epochs, recipe_seed, args.acoustic_teacher,
                         args.recipe_arg)
     _done(t)
-    t = _step("3/6 ONNX export with parity gate (mert-export-onnx), pretrained and random init")
-    graphs = export(model_dir, recipe_seed, out, args.recipe_arg)
+    t = _step(f"3/6 ONNX export with parity gate (mert-export-onnx), pretrained and {random_inits} random init(s)")
+    graphs = export(model_dir, recipe_seed, out, args.recipe_arg, random_inits)
     _done(t)
     t = _step("4/6 features: essentia MonoLoader -> OnnxPredictMERT, mean over time, all layers")
     features = extract(corpus, graphs, out)

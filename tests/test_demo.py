@@ -30,7 +30,14 @@ def test_quick_demo_runs_every_stage(tmp_path):
     b = np.stack([np.load(random_init / c) for c in clips])
     assert a.shape == b.shape and a.shape[1] == 5 and np.isfinite(a).all() and np.isfinite(b).all()
     assert not np.array_equal(a, b)  # identical weights would give identical features (same graph, same input)
-    for name in ("pretrained", "random_init"):
+    # the second random-init draw (--quick: 2) is another initialisation, pooled into "random_init"
+    second = out / "features" / "random_init_seed1235"
+    assert not np.array_equal(b, np.stack([np.load(second / c) for c in clips]))
+    for task, entry in report["probe"].items():
+        pooled = entry["feature_sets"]["random_init"]
+        assert pooled["draws"] == 2 and len(pooled["runs"]) == 4 and len(pooled["draw_scores"]) == 2
+        assert entry["random_init"] == pytest.approx(np.mean(pooled["draw_scores"]))
+    for name in ("pretrained", "random_init", "random_init_seed1235"):
         meta = json.loads((out / "onnx" / f"student_{name}.json").read_text())
         assert max(meta["export"]["parity_max_abs_diff"].values()) <= 1e-4
     assert (out / "pretrain" / "export" / "model.safetensors").exists()
@@ -75,6 +82,19 @@ def test_bad_recipe_arg_is_a_usage_error(tmp_path):
                            "--recipe-arg=lr=1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--KEY=VALUE" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "d" / "corpus").exists()
+    proc = subprocess.run([sys.executable, "-m", "mert_plugin.demo", "--out", str(tmp_path / "d"),
+                           "--random-inits", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--random-inits must be at least 1" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "d" / "corpus").exists()
+
+
+def test_random_init_draws_start_with_the_recipes_own_seed():
+    from mert_plugin.demo import random_init_names
+
+    assert random_init_names(1234, count=3) == {"random_init": 1234, "random_init_seed1235": 1235,
+                                                "random_init_seed1236": 1236}
+    assert random_init_names(1234, ["--seed=7"], count=2) == {"random_init": 7, "random_init_seed8": 8}
+    assert random_init_names(1234, count=1) == {"random_init": 1234}
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
@@ -158,6 +178,18 @@ def test_verdict_prints_the_instrument_by_program_line_without_making_it_a_crite
     assert "every GM program as the test instrument in turn" in out
     assert "pretrained 0.183, random init 0.275, level 0.333" in out and "-0.092 (95% CI -0.153..-0.031 over 24" in out
     assert verdict(_report(), GOOD_VALID) is True and "test instrument in turn" not in capsys.readouterr().out
+
+
+def test_verdict_shows_each_random_init_draw(capsys):
+    from mert_plugin.demo import verdict
+
+    report = _report()
+    report["probe"]["pitch"]["feature_sets"]["random_init"].update(draws=3, draw_scores=[0.45, 0.5, 0.55])
+    verdict(report, GOOD_VALID)
+    assert "random init = the mean over 3 draws (model seeds); each draw: pitch 0.450, 0.500, 0.550" in \
+        capsys.readouterr().out
+    verdict(_report(), GOOD_VALID)                           # one draw: nothing to show
+    assert "draws" not in capsys.readouterr().out
 
 
 def test_random_init_is_the_recipes_own_student_before_training(tmp_path, monkeypatch):

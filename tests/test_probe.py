@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from mert_plugin.probe import (ProbeConfig, ProbeError, load_feature_set, parse_train_log, probe_feature_set,
-                               run_probe, save_clip_features)
+from mert_plugin.probe import (ProbeConfig, ProbeError, load_feature_set, parse_train_log, pool_draws,
+                               probe_feature_set, run_probe, save_clip_features)
 from mert_plugin.probe.cli import main as probe_main
 from mert_plugin.probe.mlp import macro_roc_auc
 
@@ -107,6 +107,42 @@ def test_multilabel_probe_and_auc_match_sklearn():
     assert res["metric"] == "roc_auc" and res["per_layer"][1] > 0.95
     assert max(res["per_layer"][0], res["per_layer"][2]) < 0.7
     assert 0 < res["ap"] <= 1
+
+
+def _draw(per_seed_layers, per_seed_valid, ranks):
+    """A probe_feature_set-style summary of one draw from its per-seed test scores ``[S, L]``
+    (the last column is the weighted sum), per-seed valid scores and per-layer ranks."""
+    t, v = np.asarray(per_seed_layers), np.asarray(per_seed_valid)
+    return {"metric": "accuracy", "mode": "weighted_sum", "score": t[:, -1].mean(), "std": t[:, -1].std(),
+            "runs": list(t[:, -1]), "per_layer": list(t[:, :-1].mean(0)), "per_layer_std": list(t[:, :-1].std(0)),
+            "per_layer_valid": list(v.mean(0)), "best_layer": 0, "best_layer_score": 0.0, "best_layer_std": 0.0,
+            "best_epochs": [[1]] * len(t), "seeds": list(range(len(t))),
+            "geometry": {"effective_rank": list(ranks), "pc1_share": [0.1] * len(ranks)},
+            "test_outputs": [[i] * 4 for i in range(len(t))], "layer_weights": [0.5, 0.5]}
+
+
+def test_pooled_draws_count_every_draw_and_seed_as_one_run():
+    rng = np.random.default_rng(0)
+    tests = [rng.uniform(0.40, 0.45, (3, 3)) + shift for shift in (0.0, 0.3)]  # two draws far apart, 3 seeds each
+    valids = [np.array([[0.1, 0.5]] * 3), np.array([[0.2, 0.3]] * 3)]
+    pooled = pool_draws([_draw(t, v, r) for t, v, r in zip(tests, valids, ([10.0, 20.0], [14.0, 16.0]))])
+    every = np.concatenate(tests)                                     # [D * S, L + 1]
+    assert pooled["score"] == pytest.approx(every[:, -1].mean()) and pooled["std"] == pytest.approx(every[:, -1].std())
+    # the draws' spread is in the std: far more than either draw's own seed spread
+    assert pooled["std"] > 2 * max(t[:, -1].std() for t in tests)
+    assert pooled["per_layer"] == pytest.approx(list(every[:, :-1].mean(0)))
+    assert pooled["per_layer_std"] == pytest.approx(list(every[:, :-1].std(0)))
+    assert pooled["best_layer"] == 1                                  # on the mean validation score: 0.4 vs 0.15
+    assert pooled["geometry"]["effective_rank"] == pytest.approx([12.0, 18.0])
+    assert pooled["draws"] == 2 and pooled["draw_scores"] == pytest.approx([t[:, -1].mean() for t in tests])
+    assert len(pooled["test_outputs"]) == 6 and len(pooled["runs"]) == 6
+    one = _draw(tests[0], valids[0], [1.0, 2.0])
+    assert pool_draws([one]) == one                                   # one draw is itself
+    with pytest.raises(ProbeError, match="no draws"):
+        pool_draws([])
+    other = _draw(rng.uniform(size=(3, 4)), [[0.1, 0.2, 0.3]] * 3, [1.0, 2.0, 3.0])
+    with pytest.raises(ProbeError, match="layer counts"):
+        pool_draws([one, other])
 
 
 def test_empty_split_is_a_probe_error():
@@ -217,6 +253,42 @@ def test_run_probe_report_plots_and_baseline(tone_corpus, tmp_path):
     assert c["ci_low"] <= c["margin"] <= c["ci_high"] and c["decision"] == "better"
     assert "test_outputs" not in e["feature_sets"]["pretrained"]          # per-clip outputs stay out of the report
     assert f"| tone | pretrained − random_init | {c['margin']:+.3f} |" in md
+
+
+def test_run_probe_pools_the_draws_of_one_feature_set(tone_corpus, tmp_path):
+    """Two folders under one name are probed one by one and pooled: the report's score is the mean
+    of what each folder scores alone, and the comparison pairs the first set with every draw's runs."""
+    root = tone_corpus
+    rng = np.random.default_rng(5)
+    second = tmp_path / "random_init_2"
+    rows = (root / "tone.csv").read_text().splitlines()[1:]
+    for row in rows:
+        save_clip_features(second, row.split(",")[0], rng.standard_normal((3, 8)).astype(np.float32))
+    draws = [root / "feats/random_init", second]
+    kw = dict(corpus_dir=root, baselines=(), seeds=(0, 1), progress=False)
+    alone = [run_probe(tmp_path / f"alone{i}", feature_sets={"random_init": d}, **kw)["probe"]["tone"]
+             for i, d in enumerate(draws)]
+    report = run_probe(tmp_path / "pooled", feature_sets={"pretrained": root / "feats/pretrained",
+                                                          "random_init": draws}, **kw)
+    e = report["probe"]["tone"]
+    pooled = e["feature_sets"]["random_init"]
+    assert pooled["draws"] == 2 and pooled["draw_scores"] == pytest.approx([a["random_init"] for a in alone])
+    assert e["random_init"] == pytest.approx(np.mean([a["random_init"] for a in alone]))
+    runs = [r for a in alone for r in a["feature_sets"]["random_init"]["runs"]]
+    assert e["random_init_std"] == pytest.approx(np.std(runs))
+    c = e["comparisons"]["random_init"]
+    assert c["margin"] == pytest.approx(e["pretrained"] - e["random_init"]) and c["decision"] == "better"
+    assert c["seed_spread"] == pytest.approx(e["pretrained_std"] + np.std(runs))
+    assert "tone, random_init: 2 draws: " in (tmp_path / "pooled/report.md").read_text()
+    with pytest.raises(ProbeError, match="empty list"):
+        run_probe(tmp_path / "none", feature_sets={"random_init": []}, **kw)
+    # the CLI: one name given twice is two draws
+    rc = probe_main(["--corpus", str(root), "--features", f"pretrained={root / 'feats/pretrained'}",
+                     "--features", f"random_init={draws[0]}", "--features", f"random_init={draws[1]}",
+                     "--seeds", "0", "1", "--out", str(tmp_path / "cli"), "--quiet"])
+    got = json.loads((tmp_path / "cli/report.json").read_text())["probe"]["tone"]
+    assert rc == 0 and got["feature_sets"]["random_init"]["draws"] == 2
+    assert got["random_init"] == pytest.approx(e["random_init"])
 
 
 def test_run_probe_on_a_user_csv_without_splits(tone_corpus, tmp_path):

@@ -4,6 +4,8 @@
                --baseline cqt [--task key --task pitch] [--seeds 0 1 2] [--train-log train_log.txt] \\
                --out OUT
     mert-probe --csv mytask=labels.csv --audio-root AUDIO --features mert=DIR --out OUT
+    mert-probe --corpus CORPUS --features pretrained=DIR --features random_init=SEED1_DIR \
+               --features random_init=SEED2_DIR --out OUT      # a name twice: draws, pooled
 
 Writes OUT/report.json, OUT/report.md and OUT/plots/*.png. User errors print one
 ``error: ...`` line and exit with status 2 (1 for file-system errors).
@@ -33,6 +35,15 @@ def _pairs(items, what: str) -> Dict[str, str]:
     return out
 
 
+def _feature_sets(items) -> Dict[str, object]:
+    """``--features NAME=DIR`` pairs; a name given several times collects its folders as draws of
+    one model (e.g. random inits with different seeds), probed and pooled (``run_probe``)."""
+    out: Dict[str, list] = {}
+    for name, value in items or []:
+        out.setdefault(name, []).append(value)
+    return {name: dirs[0] if len(dirs) == 1 else dirs for name, dirs in out.items()}
+
+
 def _parser() -> argparse.ArgumentParser:
     from .features import BASELINES
     from .mlp import ProbeConfig
@@ -46,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra task from a CSV (path,label[,split][,piece]); repeatable")
     p.add_argument("--audio-root", help="folder CSV paths are relative to (default: corpus, else CSV folder)")
     p.add_argument("--features", action="append", type=lambda s: _name_value(s, "--features"),
-                   metavar="NAME=DIR", help="feature set: DIR/<clip path without extension>.npy; repeatable")
+                   metavar="NAME=DIR", help="feature set: DIR/<clip path without extension>.npy; repeatable. The same NAME "
+                        "several times: independent draws of one model (e.g. random inits with different seeds), "
+                        "probed one by one and pooled (score = mean over draws, std includes their spread)")
     p.add_argument("--baseline", action="append", choices=BASELINES, default=None,
                    help="hand-crafted baseline computed from the audio (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -67,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        feature_sets = _pairs(args.features, "--features")
+        feature_sets = _feature_sets(args.features)
         task_csvs = _pairs(args.csv, "--csv")
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -343,4 +343,60 @@ def probe_feature_set(x: np.ndarray, y: np.ndarray, splits: Sequence[str], *, nu
         ap = np.stack([r.test_ap for r in runs])
         out["ap"], out["ap_std"] = float(ap[:, head].mean()), float(ap[:, head].std())
         out["per_layer_ap"] = [float(v) for v in ap[:, :num_layers].mean(0)]
+    return out
+
+
+def pool_draws(draws: Sequence[Mapping[str, object]]) -> Dict[str, object]:
+    """One summary for several independent draws of a model, e.g. random initialisations with
+    different seeds, each probed by :func:`probe_feature_set` with the same probe seeds.
+
+    A single draw of an untrained model is one sample of "random init": its probe score moves
+    with the model seed by more than with the probe seed (docs/LEARNING.md 7.8), so a comparison
+    with one draw can flip either way. Pooled, every (draw, probe seed) run counts as one run:
+    ``score`` is the mean over all runs and ``std`` their std, so the std (and hence the seed
+    spread of :mod:`.compare`) holds the draw-to-draw spread too; ``test_outputs`` are all
+    runs' outputs (``[D * S, N_test]``). Per layer: the mean and the pooled std (the law of total
+    variance over the draws' means and stds); ``geometry``: the per-layer mean over the draws.
+    ``draw_scores`` / ``draw_stds`` keep each draw's own figures. One draw is returned as it is.
+    """
+    if not draws:
+        raise ProbeError("pool_draws: no draws")
+    if len(draws) == 1:
+        return dict(draws[0])
+    modes = {d["mode"] for d in draws}
+    if len(modes) > 1 or len({len(d["per_layer"]) for d in draws}) > 1:
+        raise ProbeError("pool_draws: the draws have different layer counts; they are not draws of one model")
+
+    def total_std(means, stds) -> np.ndarray:
+        means, stds = np.asarray(means, dtype=np.float64), np.asarray(stds, dtype=np.float64)
+        return np.sqrt((stds ** 2).mean(0) + means.var(0))
+
+    first = draws[0]
+    runs = [v for d in draws for v in d["runs"]]
+    per_layer = np.mean([d["per_layer"] for d in draws], axis=0)
+    per_layer_std = total_std([d["per_layer"] for d in draws], [d["per_layer_std"] for d in draws])
+    per_layer_valid = np.mean([d["per_layer_valid"] for d in draws], axis=0)
+    best = int(np.argmax(per_layer_valid))
+    out: Dict[str, object] = {
+        "metric": first["metric"], "mode": first["mode"],
+        "score": float(np.mean(runs)), "std": float(np.std(runs)), "runs": [float(v) for v in runs],
+        "per_layer": [float(v) for v in per_layer], "per_layer_std": [float(v) for v in per_layer_std],
+        "per_layer_valid": [float(v) for v in per_layer_valid],
+        "best_layer": best, "best_layer_score": float(per_layer[best]),
+        "best_layer_std": float(per_layer_std[best]),
+        "best_epochs": [e for d in draws for e in d["best_epochs"]],
+        "seeds": list(first["seeds"]),
+        "draws": len(draws),
+        "draw_scores": [float(d["score"]) for d in draws], "draw_stds": [float(d["std"]) for d in draws],
+        "geometry": {k: [float(v) for v in np.mean([d["geometry"][k] for d in draws], axis=0)]
+                     for k in first["geometry"]},
+    }
+    if "test_outputs" in first:
+        out["test_outputs"] = [o for d in draws for o in d["test_outputs"]]
+    if "layer_weights" in first:
+        out["layer_weights"] = [float(v) for v in np.mean([d["layer_weights"] for d in draws], axis=0)]
+    if "ap" in first:
+        out["ap"] = float(np.mean([d["ap"] for d in draws]))
+        out["ap_std"] = float(total_std([[d["ap"]] for d in draws], [[d["ap_std"]] for d in draws])[0])
+        out["per_layer_ap"] = [float(v) for v in np.mean([d["per_layer_ap"] for d in draws], axis=0)]
     return out

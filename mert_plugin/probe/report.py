@@ -143,6 +143,14 @@ def write_markdown(report: Mapping, path: Path) -> Path:
         best = f"{fs0['best_layer']}: {_fmt(fs0['best_layer_score'], fs0['best_layer_std'])}"
         chance = "-" if e.get("chance") is None else f"{e['chance']:.3f}"
         lines.append(f"| {task} | {e['metric']} | {chance} | " + " | ".join(cells) + f" | {best} |")
+    pooled = [(task, name, fs) for task, e in probe.items() for name, fs in e["feature_sets"].items()
+              if fs.get("draws", 1) > 1]
+    if pooled:
+        lines += ["", "Pooled feature sets (independent draws of one model, e.g. random inits with different "
+                  "seeds): score and std over every draw and probe seed; each draw's own score:", ""]
+        for task, name, fs in pooled:
+            lines.append(f"- {task}, {name}: {fs['draws']} draws: " + ", ".join(
+                _fmt(m, s) for m, s in zip(fs["draw_scores"], fs["draw_stds"])))
     comparisons = [(task, other, c) for task, e in probe.items() for other, c in e.get("comparisons", {}).items()]
     if comparisons:
         lines += ["", f"Paired comparisons of {sets[0]} with the others (test split). Difference = score of "

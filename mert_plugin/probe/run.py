@@ -11,7 +11,7 @@ import numpy as np
 from ..corpus.tables import TaskTable, read_task_csv, split_counts
 from .compare import compare, paired_bootstrap
 from .features import BASELINES, ProbeError, handcrafted_features, load_feature_set
-from .mlp import ProbeConfig, encode_labels, probe_feature_set
+from .mlp import ProbeConfig, encode_labels, pool_draws, probe_feature_set
 from .report import parse_train_log, write_report
 
 
@@ -56,6 +56,15 @@ def compare_to_main(results: Mapping[str, dict], y_test: np.ndarray, test_pieces
     return out
 
 
+def _draws(folders) -> list:
+    """A feature set's folders: one folder, or a non-empty list of folders (draws of one model)."""
+    if isinstance(folders, (list, tuple)):
+        if not folders:
+            raise ProbeError("a feature set was given an empty list of folders")
+        return list(folders)
+    return [folders]
+
+
 def run_probe(out_dir, *, feature_sets: Mapping[str, object], corpus_dir=None,
               tasks: Optional[Sequence[str]] = None, task_csvs: Optional[Mapping[str, object]] = None,
               audio_root=None, baselines: Sequence[str] = ("cqt",), seeds: Sequence[int] = (0, 1, 2),
@@ -65,7 +74,10 @@ def run_probe(out_dir, *, feature_sets: Mapping[str, object], corpus_dir=None,
 
     * ``feature_sets``: ``{name: folder}`` in the format of :mod:`.features` (the first
       one is the "main" set whose ``per_layer`` scores appear at the top of each task);
-      e.g. ``{"pretrained": ..., "random_init": ...}``.
+      e.g. ``{"pretrained": ..., "random_init": ...}``. A list of folders for one name holds
+      independent draws of one model (random inits with different seeds): each is probed and
+      the results are pooled (:func:`.mlp.pool_draws`), so its score is the mean over draws
+      and its std holds the draw-to-draw spread.
     * Tasks: those of ``corpus_dir/corpus.json`` (all, or ``tasks``), plus ``task_csvs``
       (``{name: csv}``, format of :mod:`mert_plugin.corpus.tables`).
     * ``audio_root``: folder the CSV paths are relative to (default ``corpus_dir``, else
@@ -107,20 +119,25 @@ def run_probe(out_dir, *, feature_sets: Mapping[str, object], corpus_dir=None,
             raise ProbeError(f"task {task!r}: labels {unknown[:5]} are not among the manifest's classes")
         y = encode_labels(table.labels, classes, table.multilabel)
         root = Path(audio_root or corpus_dir or Path(spec["csv_path"]).parent)
-        features = {name: load_feature_set(folder, table.paths, name) for name, folder in feature_sets.items()}
+        features = {name: [load_feature_set(f, table.paths, name) for f in _draws(folders)]
+                    for name, folders in feature_sets.items()}
         for kind in baselines:
             todo = [p for p in dict.fromkeys(table.paths) if p not in baseline_cache[kind]]
             if todo:  # tasks that share clips (key/composer/instrument) compute them once
                 for p, f in zip(todo, handcrafted_features(root, todo, kind, progress=progress)):
                     baseline_cache[kind][p] = f
-            features[kind] = np.stack([baseline_cache[kind][p] for p in table.paths])
+            features[kind] = [np.stack([baseline_cache[kind][p] for p in table.paths])]
         results = {}
-        for name, x in features.items():
-            if progress:
-                print(f"probe {task}/{name}: {x.shape[0]} clips x {x.shape[1]} layers x {x.shape[2]} dims",
-                      flush=True)
-            results[name] = probe_feature_set(x, y, table.splits, num_classes=len(classes),
-                                              multilabel=table.multilabel, seeds=seeds, config=config)
+        for name, xs in features.items():
+            draws = []
+            for i, x in enumerate(xs):
+                if progress:
+                    draw = f" (draw {i + 1} of {len(xs)})" if len(xs) > 1 else ""
+                    print(f"probe {task}/{name}{draw}: {x.shape[0]} clips x {x.shape[1]} layers x {x.shape[2]} "
+                          "dims", flush=True)
+                draws.append(probe_feature_set(x, y, table.splits, num_classes=len(classes),
+                                               multilabel=table.multilabel, seeds=seeds, config=config))
+            results[name] = pool_draws(draws)
         splits = np.asarray(table.splits)
         entry: Dict = {"metric": "roc_auc" if table.multilabel else "accuracy", "num_classes": len(classes),
                        "num_clips": split_counts(table.splits),
