@@ -14,8 +14,8 @@ Every step uses the project's real entry points, offline, on 2 CPU cores:
 4. ``OnnxPredictMERT`` on ``essentia.standard.MonoLoader`` audio: all layers, mean-pooled
    per clip;
 5. ``mert-probe``: MARBLE-style probes per layer and weighted sum, pretrained vs random
-   init (pooled over its draws: :func:`mert_plugin.probe.mlp.pool_draws`) vs a CQT baseline and a level-only baseline (loudness and envelope, no spectrum),
-   3 seeds, paired comparisons over the test pieces; ``report.json``, ``report.md`` and plots;
+   init (pooled over its draws: :func:`mert_plugin.probe.mlp.pool_draws`) vs a CQT baseline
+   and a level-only baseline (loudness and envelope, no spectrum), 3 seeds, paired comparisons over the test pieces; ``report.json``, ``report.md`` and plots;
    plus the instrument task with every GM program as the test instrument in turn
    (``probe/instrument_by_program.json``, printed under the probe table, not a criterion).
 
@@ -143,11 +143,6 @@ def model_seed(recipe_seed: int, extra=()) -> int:
     return int(parse_recipe_args(extra)[0].get("seed", recipe_seed))
 
 
-def random_init_seeds(first: int, count: int) -> list:
-    """The model seeds of the random-init draws: the recipe's own first, then the next ones."""
-    return [first + k for k in range(count)]
-
-
 def initial_student(model_dir: Path, recipe_seed: int, extra=(), seed: Optional[int] = None):
     """The recipe's student before its first update: the pretrained model's geometry (whatever
     ``preset`` the recipe ran) initialised with the recipe's seed (``--recipe-arg=--seed=N`` wins
@@ -161,9 +156,10 @@ def initial_student(model_dir: Path, recipe_seed: int, extra=(), seed: Optional[
 
 def random_init_names(recipe_seed: int, extra=(), count: int = RANDOM_INITS) -> dict:
     """``{feature-set name: model seed}`` of the random-init draws: ``random_init`` is the recipe's
-    own initialisation (the learning curve's starting point), ``random_init_seed<N>`` the others."""
-    seeds = random_init_seeds(model_seed(recipe_seed, extra), count)
-    return {("random_init" if k == 0 else f"random_init_seed{seed}"): seed for k, seed in enumerate(seeds)}
+    own initialisation (the learning curve's starting point), ``random_init_seed<N>`` the next
+    ``count - 1`` seeds."""
+    first = model_seed(recipe_seed, extra)
+    return {("random_init" if k == 0 else f"random_init_seed{first + k}"): first + k for k in range(count)}
 
 
 def export(model_dir: Path, recipe_seed: int, out: Path, extra=(), random_inits: int = RANDOM_INITS):
@@ -260,8 +256,8 @@ def verdict_checks(report, valid_stats: dict) -> list:
     seed spread of the two probes AND a paired bootstrap over the test pieces puts its 95 %
     interval wholly above (below) 0. With several random-init draws (``--random-inits``) the random
     init's score is the mean over every draw and probe seed, and its spread holds the draws'
-    spread (:func:`mert_plugin.probe.mlp.pool_draws`). A report without these comparisons (made before they
-    existed) fails criteria 1 and 2: nothing measured, nothing met.
+    spread (:func:`mert_plugin.probe.mlp.pool_draws`). A report without these comparisons (made
+    before they existed) fails criteria 1 and 2: nothing measured, nothing met.
     """
     from mert_plugin.probe.compare import BETTER, WORSE, describe
 

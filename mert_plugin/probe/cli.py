@@ -4,7 +4,7 @@
                --baseline cqt [--task key --task pitch] [--seeds 0 1 2] [--train-log train_log.txt] \\
                --out OUT
     mert-probe --csv mytask=labels.csv --audio-root AUDIO --features mert=DIR --out OUT
-    mert-probe --corpus CORPUS --features pretrained=DIR --features random_init=SEED1_DIR \
+    mert-probe --corpus CORPUS --features pretrained=DIR --features random_init=SEED1_DIR \\
                --features random_init=SEED2_DIR --out OUT      # a name twice: draws, pooled
 
 Writes OUT/report.json, OUT/report.md and OUT/plots/*.png. User errors print one
@@ -57,9 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra task from a CSV (path,label[,split][,piece]); repeatable")
     p.add_argument("--audio-root", help="folder CSV paths are relative to (default: corpus, else CSV folder)")
     p.add_argument("--features", action="append", type=lambda s: _name_value(s, "--features"),
-                   metavar="NAME=DIR", help="feature set: DIR/<clip path without extension>.npy; repeatable. The same NAME "
-                        "several times: independent draws of one model (e.g. random inits with different seeds), "
-                        "probed one by one and pooled (score = mean over draws, std includes their spread)")
+                   metavar="NAME=DIR", help="feature set: DIR/<clip path without extension>.npy; repeatable. "
+                   "The same NAME several times: independent draws of one model (e.g. random inits with "
+                   "different seeds), probed one by one and pooled (score = mean over draws, std includes "
+                   "their spread)")
     p.add_argument("--baseline", action="append", choices=BASELINES, default=None,
                    help="hand-crafted baseline computed from the audio (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
