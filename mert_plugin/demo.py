@@ -15,7 +15,8 @@ Every step uses the project's real entry points, offline, on 2 CPU cores:
    per clip;
 5. ``mert-probe``: MARBLE-style probes per layer and weighted sum, pretrained vs random
    init (pooled over its draws: :func:`mert_plugin.probe.mlp.pool_draws`) vs a CQT baseline
-   and a level-only baseline (loudness and envelope, no spectrum), 3 seeds, paired comparisons over the test pieces; ``report.json``, ``report.md`` and plots;
+   and a level-only baseline (loudness and envelope, no spectrum), 3 seeds, paired comparisons
+   over the test pieces; ``report.json``, ``report.md`` and plots;
    plus the instrument task with every GM program as the test instrument in turn
    (``probe/instrument_by_program.json``, printed under the probe table, not a criterion).
 
