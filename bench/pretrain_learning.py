@@ -46,9 +46,12 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=60, help="linear warm-up updates, then linear decay to 0")
     ap.add_argument("--batch", type=int, default=4, help="clips per batch")
     ap.add_argument("--crop", type=float, default=2.0, help="crop seconds (a batch is cut to its shortest clip)")
-    ap.add_argument("--teacher", choices=["cqt-kmeans", "pitch-labels", "none"], default="cqt-kmeans",
+    ap.add_argument("--teacher", choices=["cqt-kmeans", "pitch-labels", "family-labels", "none"],
+                    default="cqt-kmeans",
                     help="pitch-labels: a supervised ceiling, not pretraining (every frame's code is its clip's "
-                         "MIDI pitch; trains on the pitch task's training clips only)")
+                         "MIDI pitch; trains on the pitch task's training clips only); family-labels: the same "
+                         "for the instrument family (every frame's code is its clip's family; trains on the "
+                         "pitch and instrument tasks' training clips, which play training programs only)")
     ap.add_argument("--clusters", type=int, default=128)
     ap.add_argument("--fit-files", type=int, default=0,
                     help="fit the k-means on this many evenly spread training clips (0: all; the recipe: 64)")
@@ -76,6 +79,9 @@ def parse_args(argv=None):
     ap.add_argument("--preset", default="mert-tiny", help="the student's geometry (the demo's: mert-small)")
     ap.add_argument("--conv-dim", type=int, default=0, help="stem channels (0: the preset's)")
     ap.add_argument("--mask-prob", type=float, default=0.8)
+    ap.add_argument("--pretrain-splits", nargs="+", choices=["train", "valid", "test"], default=["train"],
+                    help="the splits whose clips pretraining hears (default: train; adding valid/test is a "
+                         "diagnostic that leaks the probes' held-out audio into pretraining, LEARNING.md 7.10)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared CPU)")
     ap.add_argument("--out", help="write the settings, losses and probe results here (JSON)")
@@ -145,6 +151,22 @@ def mfcc_frames(audio, frames, silence_db: float = 50.0):
     return feats
 
 
+def pretraining_paths(corpus: Path, tasks, splits) -> list:
+    """The clips pretraining hears: every row of ``tasks`` whose split is in ``splits``, once each."""
+    return sorted({r["path"] for t in tasks if (corpus / f"{t}.csv").is_file()
+                   for r in read_rows(corpus, t) if r["split"] in splits})
+
+
+def family_label_codes(corpus: Path, paths, frames) -> list:
+    """The supervised family teacher: one ``[1, T]`` code tensor per clip, every frame coded with
+    its clip's instrument family (the instrument task's label; a pitch clip's ``timbre`` column),
+    families numbered in sorted order."""
+    family = {r["path"]: r["timbre"] for r in read_rows(corpus, "pitch")}
+    family.update({r["path"]: r["label"] for r in read_rows(corpus, "instrument")})
+    names = sorted(set(family.values()))
+    return [torch.full((1, t), names.index(family[p]), dtype=torch.long) for p, t in zip(paths, frames)]
+
+
 def scores(x, y, fit, rank):
     """Logistic probes fitted on ``x[fit]`` and scored on ``x[~fit]``: per layer and all layers."""
     return {"layers": [logistic_score(x[fit][:, l:l + 1], y[fit], x[~fit][:, l:l + 1], y[~fit], c=1.0)
@@ -152,11 +174,27 @@ def scores(x, y, fit, rank):
             "all_layers": logistic_score(x[fit], y[fit], x[~fit], y[~fit]), "effective_rank": rank}
 
 
+def by_program(x, rows):
+    """Every GM program the test instrument in turn (all splits; logistic probe on all layers;
+    ``mert_plugin.probe.heldout``): ``{"accuracy": mean over programs, "per_program": {program: acc}}``."""
+    from mert_plugin.probe.heldout import group_folds, per_group_accuracy
+
+    labels = np.array([r["label"] for r in rows])
+    programs = np.array([int(r["program"]) for r in rows])
+    per_program = per_group_accuracy(x, labels, programs, group_folds(labels, programs))
+    return {"accuracy": float(np.mean(list(per_program.values()))),
+            "per_program": {str(k): v for k, v in sorted(per_program.items())}}
+
+
 def probe(model, corpus: Path):
     out = {}
     for task in TASKS:
-        rows = [r for r in read_rows(corpus, task) if r["split"] in ("train", "test")]
+        rows = read_rows(corpus, task)
         x = pooled_layers(model, corpus, [r["path"] for r in rows])
+        if task == "instrument" and rows and all(r.get("program") for r in rows):
+            out["instrument-by-program"] = by_program(x, rows)
+        kept = [r["split"] in ("train", "test") for r in rows]
+        rows, x = [r for r, k in zip(rows, kept) if k], x[np.array(kept, dtype=bool)]
         train = np.array([r["split"] == "train" for r in rows])
         y = np.array([r["label"] for r in rows])
         rank = feature_geometry(x[train])["effective_rank"]
@@ -174,6 +212,10 @@ def probe(model, corpus: Path):
 
 def show(name, result):
     for task, e in result.items():
+        if task == "instrument-by-program":
+            print(f"  {name:>8} {task}: mean over {len(e['per_program'])} held-out programs {e['accuracy']:.3f}",
+                  flush=True)
+            continue
         print(f"  {name:>8} {task:<10} per layer {' '.join(f'{a:.3f}' for a in e['layers'])}  all layers "
               f"{e['all_layers']:.3f}  rank {' '.join(f'{r:.1f}' for r in e['effective_rank'])}", flush=True)
 
@@ -182,11 +224,12 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     corpus = Path(args.corpus)
-    tasks = ("pitch",) if args.teacher == "pitch-labels" else ("pitch", "instrument", "composer", "key")
-    paths = sorted({r["path"] for t in tasks if (corpus / f"{t}.csv").is_file()
-                    for r in read_rows(corpus, t) if r["split"] == "train"})
+    tasks = {"pitch-labels": ("pitch",), "family-labels": ("pitch", "instrument")}.get(
+        args.teacher, ("pitch", "instrument", "composer", "key"))
+    paths = pretraining_paths(corpus, tasks, args.pretrain_splits)
     audio = [load_audio(str(corpus / p), 24000) for p in paths]
-    print(f"{len(audio)} training clips, {sum(a.numel() for a in audio) / 24000 / 60:.1f} min", flush=True)
+    minutes = sum(a.numel() for a in audio) / 24000 / 60
+    print(f"{len(audio)} pretraining clips ({'/'.join(args.pretrain_splits)} splits), {minutes:.1f} min", flush=True)
     cqt_teacher = CQTTeacher()
     cqts = clip_cqts(corpus, paths, cqt_teacher)
     codes = None
@@ -209,6 +252,8 @@ def main(argv=None):
     elif args.teacher == "pitch-labels":
         midi = {r["path"]: int(r["label"]) for r in read_rows(corpus, "pitch")}
         codes = [torch.full((1, c.shape[0]), midi[p], dtype=torch.long) for p, c in zip(paths, cqts)]
+    elif args.teacher == "family-labels":
+        codes = family_label_codes(corpus, paths, [c.shape[0] for c in cqts])
 
     torch.manual_seed(args.seed)
     student = MERTModel.from_preset(args.preset, seed=args.seed)

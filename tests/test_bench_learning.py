@@ -1,5 +1,5 @@
 """Every program held out in turn (mert_plugin.probe.heldout, bench/instrument_by_program.py) and the
-MFCC codes of bench/pretrain_learning.py."""
+MFCC codes, the family teacher and the pretraining splits of bench/pretrain_learning.py."""
 import importlib.util
 from pathlib import Path
 
@@ -156,6 +156,27 @@ def test_joint_codes_name_pitch_and_timbre_and_ignore_gain():
     assert len(set(mid)) == 4, mid  # bright/dull x 220/330 Hz: four codes
 
 
+def _two_family_corpus(root):
+    """24 clips of 1.5 s: even ones 'bright' (8 harmonics), odd ones 'dull' (a sine), 4 pitches;
+    clips 0-15 train, 16-23 test; pitch.csv names the family in its timbre column."""
+    rng = np.random.default_rng(0)
+    sr, rows = 24000, {"pitch": [], "instrument": []}
+    (root / "audio").mkdir()
+    for i in range(24):
+        fam, midi = ("bright", "dull")[i % 2], 57 + (i // 2) % 4
+        t = np.arange(sr * 3 // 2) / sr
+        harmonics = range(1, 9) if fam == "bright" else (1,)
+        wav = sum(np.sin(2 * np.pi * 440 * 2 ** ((midi - 69) / 12) * h * t) / h for h in harmonics)
+        rel = f"audio/c{i:02d}.wav"
+        sf.write(root / rel, 0.3 * wav / np.abs(wav).max() + 0.003 * rng.standard_normal(len(t)), sr)
+        split = "test" if i >= 16 else "train"
+        rows["pitch"].append(f"{rel},{midi},{split},{fam}")
+        rows["instrument"].append(f"{rel},{fam},{split},")
+    (root / "pitch.csv").write_text("path,label,split,timbre\n" + "\n".join(rows["pitch"]) + "\n")
+    (root / "instrument.csv").write_text("path,label,split,piece\n" + "\n".join(rows["instrument"]) + "\n")
+    return root
+
+
 def test_pretrain_learning_runs_the_recipe_objective_with_an_mfcc_target(tmp_path):
     """bench/pretrain_learning.py end to end on a tiny corpus: --preset picks the student,
     --mfcc-target and --envelope-weight turn on ObjectiveConfig.mfcc_weight and envelope_weight
@@ -165,21 +186,7 @@ def test_pretrain_learning_runs_the_recipe_objective_with_an_mfcc_target(tmp_pat
     import json
 
     bench = _load("pretrain_learning")
-    rng = np.random.default_rng(0)
-    sr, rows = 24000, {"pitch": [], "instrument": []}
-    (tmp_path / "audio").mkdir()
-    for i in range(24):
-        fam, midi = ("bright", "dull")[i % 2], 57 + (i // 2) % 4
-        t = np.arange(sr * 3 // 2) / sr
-        harmonics = range(1, 9) if fam == "bright" else (1,)
-        wav = sum(np.sin(2 * np.pi * 440 * 2 ** ((midi - 69) / 12) * h * t) / h for h in harmonics)
-        rel = f"audio/c{i:02d}.wav"
-        sf.write(tmp_path / rel, 0.3 * wav / np.abs(wav).max() + 0.003 * rng.standard_normal(len(t)), sr)
-        split = "test" if i >= 16 else "train"
-        rows["pitch"].append(f"{rel},{midi},{split},{fam}")
-        rows["instrument"].append(f"{rel},{fam},{split},")
-    (tmp_path / "pitch.csv").write_text("path,label,split,timbre\n" + "\n".join(rows["pitch"]) + "\n")
-    (tmp_path / "instrument.csv").write_text("path,label,split,piece\n" + "\n".join(rows["instrument"]) + "\n")
+    _two_family_corpus(tmp_path)
     out = tmp_path / "run.json"
     assert bench.main(["--corpus", str(tmp_path), "--preset", "mert-small", "--updates", "4", "--warmup", "1",
                        "--clusters", "4", "--code-spectrum", "linear", "--mfcc-target", "3", "--crop", "1.0",
@@ -191,3 +198,41 @@ def test_pretrain_learning_runs_the_recipe_objective_with_an_mfcc_target(tmp_pat
     for probes in (result["random_init"], result["probes"]["4"]):
         assert {"pitch", "instrument", "pitch-seen", "family-notes", "family-notes-seen"} <= set(probes)
         assert len(probes["pitch"]["layers"]) == 5  # 4 layers + the input of the first
+
+
+def test_pretrain_learning_family_teacher_and_pretraining_splits(tmp_path):
+    """The two diagnostics of LEARNING.md 7.10: --pretrain-splits picks the clips pretraining hears
+    (train only by default; adding test leaks the held-out clips on purpose), and the supervised
+    family teacher codes every frame with its clip's family."""
+    import json
+
+    bench = _load("pretrain_learning")
+    corpus = _two_family_corpus(tmp_path)
+    tasks = ("pitch", "instrument", "key")  # key.csv is missing: skipped
+    train = bench.pretraining_paths(corpus, tasks, ["train"])
+    assert train == [f"audio/c{i:02d}.wav" for i in range(16)]
+    assert bench.pretraining_paths(corpus, tasks, ["train", "test"]) == [f"audio/c{i:02d}.wav" for i in range(24)]
+    codes = bench.family_label_codes(corpus, train, [3 + i for i in range(16)])
+    for i, c in enumerate(codes):  # 'bright' < 'dull': codes 0 and 1
+        assert c.shape == (1, 3 + i) and c.dtype == torch.long
+        assert c.eq(i % 2).all(), (i, c)
+    out = tmp_path / "run.json"
+    assert bench.main(["--corpus", str(corpus), "--teacher", "family-labels", "--cqt-target", "none",
+                       "--clusters", "4", "--updates", "2", "--warmup", "1", "--crop", "1.0",
+                       "--pretrain-splits", "train", "test", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["pretrain_splits"] == ["train", "test"]
+    assert len(result["log"]) == 2 and all(r["acoustic_ce"] > 0 and "cqt_mse" not in r for r in result["log"])
+
+
+def test_pretrain_learning_by_program_holds_out_every_program():
+    """The bench's leave-one-program-out probe scores every program once, and tells features that
+    carry the family from noise."""
+    bench = _load("pretrain_learning")
+    labels, programs, _, noise = _families()
+    family = np.array([int(s[-1]) for s in labels])
+    rows = [{"label": lab, "program": str(p)} for lab, p in zip(labels, programs)]
+    signal = bench.by_program(noise + 3.0 * np.eye(8)[family], rows)
+    chance = bench.by_program(noise, rows)
+    assert sorted(signal["per_program"]) == sorted(str(p) for p in set(programs.tolist()))
+    assert signal["accuracy"] > 0.95 and chance["accuracy"] < 0.6, (signal["accuracy"], chance["accuracy"])
