@@ -5,9 +5,10 @@ Runs the project's ``MERTPretrainer`` on the training clips of a corpus (``mert-
 held in memory, with the reference CQT as the musical target and optionally the ``cqt-kmeans``
 teacher's codes, then probes the student (logistic regression on z-scored, mean-pooled layers,
 train -> test split; effective rank of the pooled features) on pitch, instrument and the single notes'
-instrument family (programs unseen, and heard: odd notes -> even notes), next to its
-own random initialisation. A setting costs minutes instead of a full ``make demo``; the demo's
-MLP probes and five-criterion verdict remain the reference (docs/LEARNING.md has the runs)::
+instrument family (programs unseen, and heard: odd notes -> even notes) and the instrument task with
+every GM program held out in turn, next to its own random initialisation. A setting costs minutes
+instead of a full ``make demo``; the demo's MLP probes and five-criterion verdict remain the
+reference (docs/LEARNING.md has the runs)::
 
     python bench/pretrain_learning.py --corpus CORPUS --updates 600 --cqt-target db-frame \\
         --feature-penalty 0 --feature-grad-mult 1.0 --out results/run.json
@@ -254,6 +255,9 @@ def main(argv=None):
         codes = [torch.full((1, c.shape[0]), midi[p], dtype=torch.long) for p, c in zip(paths, cqts)]
     elif args.teacher == "family-labels":
         codes = family_label_codes(corpus, paths, [c.shape[0] for c in cqts])
+    if codes and args.teacher != "cqt-kmeans" and max(int(c.max()) for c in codes) >= args.clusters:
+        sys.exit(f"error: --teacher {args.teacher} codes go up to {max(int(c.max()) for c in codes)}; "
+                 f"--clusters {args.clusters} must be larger")
 
     torch.manual_seed(args.seed)
     student = MERTModel.from_preset(args.preset, seed=args.seed)

@@ -236,3 +236,14 @@ def test_pretrain_learning_by_program_holds_out_every_program():
     chance = bench.by_program(noise, rows)
     assert sorted(signal["per_program"]) == sorted(str(p) for p in set(programs.tolist()))
     assert signal["accuracy"] > 0.95 and chance["accuracy"] < 0.6, (signal["accuracy"], chance["accuracy"])
+
+
+def test_pretrain_learning_refuses_too_few_clusters_for_a_label_teacher(tmp_path):
+    """A label teacher with more classes than --clusters stops with a one-line error, not an index
+    error inside the loss."""
+    bench = _load("pretrain_learning")
+    corpus = _two_family_corpus(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--corpus", str(corpus), "--teacher", "family-labels", "--cqt-target", "none",
+                    "--clusters", "1", "--updates", "1"])
+    assert "--clusters 1 must be larger" in str(stop.value.code)
