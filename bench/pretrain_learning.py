@@ -178,24 +178,25 @@ def scores(x, y, fit, rank):
 def by_program(x, rows):
     """Every GM program the test instrument in turn (all splits; logistic probe on all layers;
     ``mert_plugin.probe.heldout``): ``{"accuracy": mean over programs, "per_program": {program: acc}}``."""
-    from mert_plugin.probe.heldout import group_folds, per_group_accuracy
+    from mert_plugin.probe.heldout import compare_by_group
 
-    labels = np.array([r["label"] for r in rows])
-    programs = np.array([int(r["program"]) for r in rows])
-    per_program = per_group_accuracy(x, labels, programs, group_folds(labels, programs))
-    return {"accuracy": float(np.mean(list(per_program.values()))),
-            "per_program": {str(k): v for k, v in sorted(per_program.items())}}
+    result = compare_by_group({"model": x}, [r["label"] for r in rows], np.array([int(r["program"]) for r in rows]))
+    return {"accuracy": result["accuracy"]["model"], "per_program": result["per_group"]["model"]}
 
 
 def probe(model, corpus: Path):
     out = {}
     for task in TASKS:
         rows = read_rows(corpus, task)
+        # every program held out in turn needs the valid clips too; the split probes use train and test
+        lopo = task == "instrument" and rows and all(r.get("program") for r in rows)
+        if not lopo:
+            rows = [r for r in rows if r["split"] in ("train", "test")]
         x = pooled_layers(model, corpus, [r["path"] for r in rows])
-        if task == "instrument" and rows and all(r.get("program") for r in rows):
+        if lopo:
             out["instrument-by-program"] = by_program(x, rows)
-        kept = [r["split"] in ("train", "test") for r in rows]
-        rows, x = [r for r, k in zip(rows, kept) if k], x[np.array(kept, dtype=bool)]
+            kept = np.array([r["split"] in ("train", "test") for r in rows], dtype=bool)
+            rows, x = [r for r, k in zip(rows, kept) if k], x[kept]
         train = np.array([r["split"] == "train" for r in rows])
         y = np.array([r["label"] for r in rows])
         rank = feature_geometry(x[train])["effective_rank"]
