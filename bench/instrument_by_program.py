@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The instrument task with the GM program as the unit: leave-one-program-out probes of a demo.
 
-The demo corpus's instrument task holds out one GM program per family (6 test programs), so its
+The demo corpus's instrument task holds out one or two GM programs per family (9 test programs), so its
 test score is a handful of per-program outcomes, and the probe report's paired bootstrap over test
 *pieces* does not see that variance. Here every program of every family is the test program once
 (``mert_plugin.probe.heldout``: logistic probes, bootstrap over programs); the demo prints the same

@@ -166,6 +166,62 @@ def test_gm_families_have_several_programs_each_in_one_family():
     assert not set(programs) & set(range(16, 20))  # no organ: TimGM6mb's sound an octave low
 
 
+def sf2_preset_samples(path: str) -> dict:
+    """``{bank-0 program: set of sample indices}`` of a SoundFont 2 file, read from its
+    RIFF 'pdta' lists: preset headers -> preset zones' instrument generators (41) ->
+    instrument zones' sampleID generators (53). Written for the test from the SF2 2.04
+    layout, so that the program choice is checked against the file, not against itself."""
+    import struct
+
+    data = Path(path).read_bytes()
+    pdta = {}
+
+    def chunks(off, end):
+        while off < end:
+            cid, size = data[off:off + 4], struct.unpack("<I", data[off + 4:off + 8])[0]
+            yield cid, off + 8, size
+            off += 8 + size + (size & 1)
+
+    for cid, off, size in chunks(12, len(data)):
+        if cid == b"LIST" and data[off:off + 4] == b"pdta":
+            pdta = {c.decode(): data[o:o + n] for c, o, n in chunks(off + 4, off + size)}
+
+    def records(name, fmt):
+        n, raw = struct.calcsize(fmt), pdta[name]
+        return [struct.unpack(fmt, raw[i:i + n]) for i in range(0, len(raw), n)]
+
+    phdr, pbag, pgen = records("phdr", "<20sHHHIII"), records("pbag", "<HH"), records("pgen", "<HH")
+    inst, ibag, igen = records("inst", "<20sH"), records("ibag", "<HH"), records("igen", "<HH")
+
+    def generated(bags, gens, first, last, oper):
+        return {gens[g][1] for b in range(first, last) for g in range(bags[b][0], bags[b + 1][0])
+                if gens[g][0] == oper}
+
+    out = {}
+    for k in range(len(phdr) - 1):  # the last header is the terminal 'EOP'
+        _, program, bank, first_bag = phdr[k][:4]
+        if bank == 0:
+            instruments = generated(pbag, pgen, first_bag, phdr[k + 1][3], 41)
+            out[program] = set().union(set(), *(generated(ibag, igen, inst[i][1], inst[i + 1][1], 53)
+                                               for i in instruments))
+    return out
+
+
+@needs_soundfont
+def test_no_program_replays_another_programs_samples():
+    """A held-out program must be a new set of samples: in TimGM6mb electric grand (2)
+    holds all nine samples of acoustic grand (0), so they cannot both be in the corpus."""
+    samples = sf2_preset_samples(bundled_soundfont())
+    assert samples[0] <= samples[2]  # the parser sees the known overlap
+    used = [p for _, p in ALL_PROGRAMS]
+    for a in used:
+        assert samples[a], f"program {a} has no samples"
+        for b in used:
+            if a != b:
+                shared = len(samples[a] & samples[b])
+                assert shared < 0.5 * len(samples[a]), f"program {a} shares {shared} of {len(samples[a])} samples with {b}"
+
+
 @needs_soundfont
 @pytest.mark.parametrize("family, program", ALL_PROGRAMS)
 def test_soundfont_program_sounds_at_its_midi_number(family, program):
@@ -282,7 +338,8 @@ def test_program_splits_keep_valid_and_test_programs_out_of_training():
         for family, by_split in plan.items():
             programs = [p for s in ("train", "valid", "test") for p in by_split[s]]
             assert sorted(programs) == sorted(GM_INSTRUMENTS[family].programs)  # each in exactly one split
-            assert [len(by_split[s]) for s in ("train", "valid", "test")] == [2, 1, 1]
+            # 70/15/15 of 4-7 programs: round(0.15 n) = 1 valid and 1 test, the rest (2-5) train
+            assert [len(by_split[s]) for s in ("train", "valid", "test")] == [len(programs) - 2, 1, 1]
             assert note_programs(by_split, 1) == by_split["train"][:1]
             assert {s for s, ps in by_split.items() for p in note_programs(by_split, 2) if p in ps} == {"train", "test"}
             assert sorted(note_programs(by_split, 9)) == sorted(programs)

@@ -242,7 +242,8 @@ def split_programs(families: Sequence[str], seed: int,
 
     Every family's programs (:data:`~.render.GM_INSTRUMENTS`) are split like pieces
     (:func:`~.tables.assign_splits` over ``"<family>/gm<program>"``, one stratum per
-    family): with 4 programs, 2 train, 1 valid and 1 test; with 3, one each. A program
+    family): with 4-7 programs and the default fractions, 1 valid, 1 test and the rest train
+    (the demo's 60/15/25 gives 6- and 7-program families 2 test programs). A program
     is in one split only, for the pitch task and the piece tasks alike, so valid and
     test clips are played by instruments never heard in training. Each list follows
     the family's own program order."""
@@ -471,15 +472,16 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
         manifest_tasks[t] = {"csv": f"{t}.csv", "type": "multiclass", "metric": "accuracy",
                              "classes": classes[t], "description": descriptions[t],
                              "num_clips": split_counts([r["split"] for r in rows[t]])}
-    split_rule = ("pieces: per composer, ordered by sha256(seed, piece), cut 70/15/15 (at least one "
+    cut = "/".join(f"{100 * f / sum(split_fractions):g}" for f in split_fractions)
+    split_rule = (f"pieces: per composer, ordered by sha256(seed, piece), cut {cut} (at least one "
                   "valid and one test piece per composer with >= 3 pieces); notes: the same rule over "
                   "'<timbre>/v<variant>' presets, per timbre")
     if sampled:
-        split_rule = ("pieces: per composer, ordered by sha256(seed, piece), cut 70/15/15 (at least one valid and "
+        split_rule = (f"pieces: per composer, ordered by sha256(seed, piece), cut {cut} (at least one valid and "
                       "one test piece per composer with >= 3 pieces); GM programs: the same rule over "
-                      "'<family>/gm<program>', per family (4 programs: 2 train, 1 valid, 1 test); a version of a "
-                      "piece plays a program of its family from the piece's split; a note preset is one program "
-                      "and has its split")
+                      "'<family>/gm<program>', per family (corpus.json's 'programs' lists each split's); a "
+                      "version of a piece plays a program of its family from the piece's split; a note preset is "
+                      "one program and has its split")
     manifest = {
         "format": MANIFEST_FORMAT,
         "sample_rate": sr,

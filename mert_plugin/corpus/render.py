@@ -317,23 +317,33 @@ class GMInstrument:
 # General MIDI name and TimGM6mb preset name of every program the families use.
 GM_PROGRAMS: Dict[int, Tuple[str, str]] = {
     0: ("acoustic grand piano", "Piano 1"),
-    2: ("electric grand piano", "Piano 3"),
     4: ("electric piano 1", "E.Piano 1"),
     7: ("clavinet", "Clavinet"),
+    11: ("vibraphone", "Vibraphone"),
+    12: ("marimba", "Marimba"),
     24: ("nylon-string guitar", "Nylon Guitar"),
     25: ("steel-string guitar", "Steel Guitar"),
     26: ("jazz electric guitar", "Jazz Guitar"),
     27: ("clean electric guitar", "Clean Guitar"),
+    28: ("muted electric guitar", "Guitar Mutes"),
+    29: ("overdriven guitar", "Overdrive Guitar"),
+    30: ("distortion guitar", "DistortionGuitar"),
     48: ("string ensemble 1", "Strings CLP"),
     40: ("violin", "Violin"),
     42: ("cello", "Cello"),
     43: ("contrabass", "Contrabass"),
+    50: ("synth strings 1", "Synth Strings 1"),
+    51: ("synth strings 2", "Synth Strings 2"),
     61: ("brass section", "Brass"),
     56: ("trumpet", "SoloTrumpet"),
     57: ("trombone", "Trombone"),
+    58: ("tuba", "Tuba"),
+    59: ("muted trumpet", "Mute Trumpet"),
     60: ("french horn", "French Horns"),
+    62: ("synth brass 1", "Synth Brass 1"),
     71: ("clarinet", "Clarinet"),
     64: ("soprano sax", "SopSax (TB) v2.3"),
+    66: ("tenor sax", "Tenor Sax (TB) v2.3"),
     69: ("english horn", "English Horn"),
     70: ("bassoon", "Bassoon"),
     73: ("flute", "Flute TB"),
@@ -349,26 +359,34 @@ def _family(name: str, programs: Tuple[int, ...], how: str) -> GMInstrument:
 
 
 # Six families that differ in how the sound is made (struck, plucked, bowed, lip reed,
-# cane reed, air jet), four GM programs each, every one with samples of its own in
-# TimGM6mb. The corpus splits each family by program (train/valid/test programs are
-# disjoint), so the instrument and pitch tasks test instruments never heard in training.
-# Every program was checked with the tests' YIN method: the f0 of a rendered note is
-# within 50 cents of its MIDI number over SOUNDFONT_PITCH_RANGE, with no sample an
-# octave off. Left out of TimGM6mb's candidates:
-#   1 bright piano, 41 viola, 49 slow strings: the samples of 0, 40, 48 again;
+# cane reed, air jet), four to seven GM programs each: every TimGM6mb program that
+# sounds in tune and has samples of its own (no program holds half of its samples in
+# another one's; checked by parsing the SoundFont's preset and instrument zones). The
+# corpus splits each family by program (train/valid/test programs are disjoint), so the
+# instrument and pitch tasks test instruments never heard in training; more training
+# programs per family give a probe more than two timbres to learn a family from
+# (docs/LEARNING.md 7.11). Every program was checked with the tests' YIN method: the f0
+# of a rendered note is within 50 cents of its MIDI number over SOUNDFONT_PITCH_RANGE,
+# with no sample an octave off. Left out of TimGM6mb's candidates:
+#   1 bright piano, 2 electric grand, 41 viola, 44 tremolo and 49 slow strings, 63 synth
+#   brass 2, 76 bottle, 82 calliope: half or more of their samples are those of 0, 40,
+#   48, 62, 75 (2 holds all nine of 0's);
 #   3 honky-tonk (detuned chorus: YIN an octave off at MIDI 52, 56-59, 65),
-#   5 electric piano 2 (MIDI 59 sounds 100 cents sharp), 65 alto sax (MIDI 64 is silent),
-#   68 oboe (fundamental 17-19 dB below the 2nd harmonic at MIDI 74-78: an octave off),
-#   74 recorder (octave off at MIDI 48-51), 77 shakuhachi, 78 whistle (never in tune);
-#   organs 16-19: a 16' rank an octave below the key.
+#   5 electric piano 2 (MIDI 59 sounds 100 cents sharp), 8 celesta (100 cents flat below
+#   MIDI 60), 9 glockenspiel, 14 tubular bells, 31 guitar harmonics (octaves off),
+#   13 xylophone (up to 90 cents off), 21 accordion, 23 bandoneon (50 cents flat above
+#   MIDI 72), 22 harmonica (MIDI 71 an octave off), 45 pizzicato, 65 alto sax, 67
+#   baritone sax (silent keys), 68 oboe (fundamental 17-19 dB below the 2nd harmonic at
+#   MIDI 74-78: an octave off), 74 recorder (octave off at MIDI 47-49), 77 shakuhachi,
+#   78 whistle (never in tune); organs 16-19: a 16' rank an octave below the key.
 GM_INSTRUMENTS: Dict[str, GMInstrument] = {
     i.name: i
     for i in (
-        _family("piano", (0, 2, 4, 7), "struck keyboards"),
-        _family("guitar", (24, 25, 26, 27), "plucked guitars"),
-        _family("strings", (48, 40, 42, 43), "bowed strings"),
-        _family("brass", (61, 56, 57, 60), "brass"),
-        _family("reed", (71, 64, 69, 70), "reeds"),
+        _family("piano", (0, 4, 7, 11, 12), "struck keyboards and mallets"),
+        _family("guitar", (24, 25, 26, 27, 28, 29, 30), "plucked guitars"),
+        _family("strings", (48, 40, 42, 43, 50, 51), "bowed and synthesised strings"),
+        _family("brass", (61, 56, 57, 60, 58, 59, 62), "brass"),
+        _family("reed", (71, 64, 66, 69, 70), "reeds"),
         _family("flute", (73, 72, 75, 79), "flutes and pipes"),
     )
 }

@@ -1,7 +1,7 @@
 """Every held-out group in turn: leave-one-group-out probes, e.g. every GM program as the test instrument.
 
-A ``mert-corpus`` instrument task holds out one GM program per family for test, so its test score
-is decided by a handful of instruments (6 in the demo), whatever the number of clips. Here each
+A ``mert-corpus`` instrument task holds out one or two GM programs per family for test, so its test
+score is decided by a handful of instruments (9 in the demo), whatever the number of clips. Here each
 family's programs take turns: fold k tests the k-th program of every family (valid-split programs
 take part too) and trains on the others. A logistic probe (z-scored features, all layers
 concatenated, as the demo's learning curve) is scored on every program, and the difference
