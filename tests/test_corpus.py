@@ -310,6 +310,7 @@ def test_soundfont_corpus_manifest_labels_and_pitches(soundfont_corpus):
     assert m["renderer"] == "soundfont" and m["soundfont"] == sf2
     assert m["soundfont_sha256"] == hashlib.sha256(Path(sf2).read_bytes()).hexdigest()
     assert m["settings"]["tinysoundfont_version"]
+    assert "cut 70/15/15" in m["split_rule"]  # SMALL's (default) fractions, as percentages
     assert m["tasks"]["instrument"]["classes"] == list(GM_INSTRUMENTS) == list(m["timbres"])
     instruments = read_task_csv(out / "instrument.csv")
     assert {label for (label,) in instruments.labels} <= set(GM_INSTRUMENTS)
@@ -344,6 +345,11 @@ def test_program_splits_keep_valid_and_test_programs_out_of_training():
             assert {s for s, ps in by_split.items() for p in note_programs(by_split, 2) if p in ps} == {"train", "test"}
             assert sorted(note_programs(by_split, 9)) == sorted(programs)
     assert split_programs(["piano"], 0) == split_programs(["piano"], 0)
+    # the demo's 60/15/25: round(0.25 n) test programs, i.e. 2 for the 6- and 7-program families
+    for seed in range(5):
+        demo_plan = split_programs(list(GM_INSTRUMENTS), seed, (0.6, 0.15, 0.25))
+        assert {f: len(s["test"]) for f, s in demo_plan.items()} == {
+            f: 2 if len(i.programs) >= 6 else 1 for f, i in GM_INSTRUMENTS.items()}
     assert len({str(split_programs(["piano"], seed)) for seed in range(20)}) > 3  # the seed picks the test program
 
 

@@ -372,11 +372,12 @@ def _family(name: str, programs: Tuple[int, ...], how: str) -> GMInstrument:
 #   brass 2, 76 bottle, 82 calliope: half or more of their samples are those of 0, 40,
 #   48, 62, 75 (2 holds all nine of 0's);
 #   3 honky-tonk (detuned chorus: YIN an octave off at MIDI 52, 56-59, 65),
-#   5 electric piano 2 (MIDI 59 sounds 100 cents sharp), 8 celesta (100 cents flat below
-#   MIDI 60), 9 glockenspiel, 14 tubular bells, 31 guitar harmonics (octaves off),
-#   13 xylophone (up to 90 cents off), 21 accordion, 23 bandoneon (50 cents flat above
-#   MIDI 72), 22 harmonica (MIDI 71 an octave off), 45 pizzicato, 65 alto sax, 67
-#   baritone sax (silent keys), 68 oboe (fundamental 17-19 dB below the 2nd harmonic at
+#   5 electric piano 2 (MIDI 59 sounds 100 cents sharp), 8 celesta (more than 50 cents
+#   off at most pitches, up to 137 cents flat), 9 glockenspiel, 14 tubular bells, 31
+#   guitar harmonics (octaves off), 13 xylophone (up to 90 cents off at the attack),
+#   21 accordion, 23 bandoneon (50-66 cents flat above MIDI 72 / 76), 22 harmonica
+#   (MIDI 71 an octave off), 45 pizzicato (plucked, not bowed), 65 alto sax, 67
+#   baritone sax (silent keys: MIDI 64; 80 and up), 68 oboe (fundamental 17-19 dB below the 2nd harmonic at
 #   MIDI 74-78: an octave off), 74 recorder (octave off at MIDI 47-49), 77 shakuhachi,
 #   78 whistle (never in tune); organs 16-19: a 16' rank an octave below the key.
 GM_INSTRUMENTS: Dict[str, GMInstrument] = {
