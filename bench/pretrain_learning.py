@@ -256,9 +256,9 @@ def main(argv=None):
         codes = [torch.full((1, c.shape[0]), midi[p], dtype=torch.long) for p, c in zip(paths, cqts)]
     elif args.teacher == "family-labels":
         codes = family_label_codes(corpus, paths, [c.shape[0] for c in cqts])
-    if codes and args.teacher != "cqt-kmeans" and max(int(c.max()) for c in codes) >= args.clusters:
-        sys.exit(f"error: --teacher {args.teacher} codes go up to {max(int(c.max()) for c in codes)}; "
-                 f"--clusters {args.clusters} must be larger")
+    top = max(int(c.max()) for c in codes) if codes and args.teacher != "cqt-kmeans" else -1
+    if top >= args.clusters:
+        sys.exit(f"error: --teacher {args.teacher} codes go up to {top}; --clusters {args.clusters} must be larger")
 
     torch.manual_seed(args.seed)
     student = MERTModel.from_preset(args.preset, seed=args.seed)

@@ -202,8 +202,8 @@ def sf2_preset_samples(path: str) -> dict:
         _, program, bank, first_bag = phdr[k][:4]
         if bank == 0:
             instruments = generated(pbag, pgen, first_bag, phdr[k + 1][3], 41)
-            out[program] = set().union(set(), *(generated(ibag, igen, inst[i][1], inst[i + 1][1], 53)
-                                               for i in instruments))
+            out[program] = set().union(*(generated(ibag, igen, inst[i][1], inst[i + 1][1], 53)
+                                         for i in instruments))
     return out
 
 

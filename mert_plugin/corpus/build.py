@@ -473,15 +473,12 @@ def build_corpus(out_dir, *, num_pieces: int = 20, composers: Sequence[str] = DE
                              "classes": classes[t], "description": descriptions[t],
                              "num_clips": split_counts([r["split"] for r in rows[t]])}
     cut = "/".join(f"{100 * f / sum(split_fractions):g}" for f in split_fractions)
-    split_rule = (f"pieces: per composer, ordered by sha256(seed, piece), cut {cut} (at least one "
-                  "valid and one test piece per composer with >= 3 pieces); notes: the same rule over "
-                  "'<timbre>/v<variant>' presets, per timbre")
-    if sampled:
-        split_rule = (f"pieces: per composer, ordered by sha256(seed, piece), cut {cut} (at least one valid and "
-                      "one test piece per composer with >= 3 pieces); GM programs: the same rule over "
-                      "'<family>/gm<program>', per family (corpus.json's 'programs' lists each split's); a "
-                      "version of a piece plays a program of its family from the piece's split; a note preset is "
-                      "one program and has its split")
+    pieces_rule = (f"pieces: per composer, ordered by sha256(seed, piece), cut {cut} (at least one valid and "
+                   "one test piece per composer with >= 3 pieces)")
+    split_rule = pieces_rule + ("; GM programs: the same rule over '<family>/gm<program>', per family (corpus.json's "
+                                "'programs' lists each split's); a version of a piece plays a program of its family "
+                                "from the piece's split; a note preset is one program and has its split" if sampled
+                                else "; notes: the same rule over '<timbre>/v<variant>' presets, per timbre")
     manifest = {
         "format": MANIFEST_FORMAT,
         "sample_rate": sr,
